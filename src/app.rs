@@ -1,0 +1,200 @@
+//! Builds the running daemon from a validated [`Config`]: state, credential source, broker,
+//! identity, the metadata tree, and the listeners. Then serves until told to stop, and drains.
+//!
+//! Startup fails fast and says why: a problem the operator must fix in the configuration is a
+//! [`StartError::Config`] (exit 64), anything else a [`StartError::Runtime`] (exit 1).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{Config, ConfigError, SourceConfig};
+use crate::credentials::CredentialSource;
+use crate::credentials::broker::{Broker, Lease};
+use crate::credentials::fake::FakeSource;
+use crate::identity::Identity;
+use crate::identity::role::AccountContext;
+use crate::imds::Imds;
+use crate::imds::token::Tokens;
+use crate::imds::tree::Tree;
+use crate::instance::partition_of;
+use crate::server::{self, ServerOptions};
+use crate::state::StateDir;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The operator must change the configuration or the host (exit 64).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Something failed that is not the configuration's fault (exit 1).
+    #[error("{0:#}")]
+    Runtime(#[from] anyhow::Error),
+}
+
+impl StartError {
+    fn config(problem: impl Into<String>) -> Self {
+        StartError::Config(ConfigError {
+            problems: vec![problem.into()],
+        })
+    }
+}
+
+/// The assembled daemon, bound and ready to serve.
+pub struct App {
+    imds: Arc<Imds>,
+    broker: Broker,
+    listeners: Vec<TcpListener>,
+    local_addrs: Vec<SocketAddr>,
+    server: ServerOptions,
+    /// Keeps the credentials of callers known in advance cached and refreshed.
+    _leases: Vec<Lease>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("listening", &self.local_addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Builds everything and binds the listeners. Must run inside a tokio runtime.
+    pub async fn build(config: Config) -> Result<App, StartError> {
+        let clock: SharedClock = Arc::new(SystemClock);
+        let env = |k: &str| std::env::var(k).ok();
+
+        let state = StateDir::open(config.state_dir.as_deref(), &env)
+            .map_err(|e| StartError::config(e.0))?;
+        let key = state.token_key().map_err(|e| StartError::config(e.0))?;
+        match state.path() {
+            Some(dir) => tracing::debug!(state_dir = %dir.display(), "using state directory"),
+            None => tracing::warn!(
+                "no writable state directory (tried $STATE_DIRECTORY, /var/lib/imdsd, ~/.local/state/imdsd): \
+                 IMDSv2 tokens will not survive a restart; set --state-dir"
+            ),
+        }
+
+        let (source, accounts) = build_source(&config, clock.clone()).await?;
+        let identity = Arc::new(
+            Identity::new(config.identity.clone(), accounts)
+                .map_err(|problems| ConfigError { problems })?,
+        );
+        let broker = Broker::new(source, clock.clone(), config.broker.clone());
+        let leases: Vec<Lease> = identity
+            .known_requests()
+            .iter()
+            .map(|r| broker.retain(r))
+            .collect();
+
+        let imds = Arc::new(Imds::new(
+            Tree::build(&config.instance),
+            Tokens::new(key),
+            identity.clone(),
+            broker.clone(),
+            config.imds.clone(),
+            clock,
+        ));
+
+        let listeners = server::bind_all(&config.listen).await.map_err(|e| {
+            if e.is_configuration {
+                StartError::config(e.to_string())
+            } else {
+                StartError::Runtime(anyhow::Error::new(e))
+            }
+        })?;
+        let local_addrs = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect::<Vec<_>>();
+
+        tracing::info!(
+            source = broker.source_kind(),
+            default_role = identity.default_role().map(|a| a.as_str()),
+            http_tokens = ?config.imds.http_tokens,
+            instance_id = %config.instance.instance_id,
+            region = %config.instance.region,
+            "imdsd {} ready",
+            env!("CARGO_PKG_VERSION")
+        );
+        Ok(App {
+            imds,
+            broker,
+            listeners,
+            local_addrs,
+            server: config.server,
+            _leases: leases,
+        })
+    }
+
+    /// The addresses actually bound (useful with port 0).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    pub fn imds(&self) -> &Arc<Imds> {
+        &self.imds
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains requests in flight.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for listener in self.listeners {
+            let addr = listener.local_addr().ok();
+            tracing::info!(addr = ?addr, "serving instance metadata");
+            let imds = self.imds.clone();
+            let handler = Arc::new(move |req, caller| {
+                let imds = imds.clone();
+                async move { imds.handle(req, caller).await }
+            });
+            tasks.spawn(server::serve(
+                listener,
+                handler,
+                self.server.clone(),
+                shutdown.clone(),
+            ));
+        }
+        while tasks.join_next().await.is_some() {}
+        tracing::info!("stopped");
+    }
+}
+
+async fn build_source(
+    config: &Config,
+    clock: SharedClock,
+) -> Result<(Arc<dyn CredentialSource>, AccountContext), StartError> {
+    match &config.source {
+        SourceConfig::Fake { lifetime } => {
+            // Offline, the daemon's own identity is the emulated instance's account.
+            let accounts = AccountContext {
+                default_account: Some(
+                    config
+                        .default_account_id
+                        .clone()
+                        .unwrap_or_else(|| config.instance.account_id.clone()),
+                ),
+                partition: config.instance.partition.to_string(),
+                aliases: config.account_map.clone(),
+            };
+            Ok((Arc::new(FakeSource::new(*lifetime, clock)), accounts))
+        }
+        SourceConfig::Sts => {
+            let region = config
+                .region
+                .clone()
+                .unwrap_or_else(|| config.instance.region.clone());
+            let _ = partition_of(&region);
+            Err(StartError::config(
+                "no credential source: run with --fake-credentials (STS support is not built yet)",
+            ))
+        }
+    }
+}

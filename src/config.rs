@@ -1,0 +1,1065 @@
+//! Configuration: command-line flags (each with an environment variable), an optional TOML file
+//! (`--config`), and defaults, resolved into one validated [`Config`] before any socket is bound.
+//!
+//! Precedence is flag > environment > file > default. Every problem is collected and reported
+//! together, each naming where the value came from (`--http-tokens`, `IMDSD_HTTP_TOKENS`, or the
+//! file and key) and what to write instead; `main` exits with 64 (EX_USAGE).
+//!
+//! Values arrive as strings and are validated here rather than by clap, so that a bad flag and a
+//! bad file key are reported in the same run.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory as _, FromArgMatches as _, Parser};
+use serde::Deserialize;
+
+use crate::credentials::broker::BrokerConfig;
+use crate::credentials::fake::DEFAULT_LIFETIME;
+use crate::identity::mapping::RoleMapping;
+use crate::identity::role::{RoleSpec, parse_account_map};
+use crate::identity::{DEFAULT_SESSION_NAME_TEMPLATE, IdentityConfig, check_session_name_template};
+use crate::imds::response::Connection;
+use crate::imds::{HttpTokens, ImdsOptions};
+use crate::instance::{Instance, InstanceDefaults, InstanceSection, is_region};
+use crate::server::ServerOptions;
+
+/// Where EC2's metadata service listens.
+pub const DEFAULT_LISTEN: &str = "169.254.169.254:80";
+
+const AFTER_HELP: &str = "\
+Every option can also be set in the TOML file given with --config (same name, with underscores), \
+and through the environment variable shown. Precedence: flag, then environment, then file, then \
+default.
+
+Examples:
+  imdsd --fake-credentials --listen 127.0.0.1:8169 demo-role
+  imdsd --config /etc/imdsd/imdsd.toml arn:aws:iam::123456789012:role/app";
+
+/// Gives each container its own AWS IAM role through an EC2 instance metadata service
+/// (IMDSv1 and IMDSv2).
+#[derive(Debug, Parser)]
+#[command(name = "imdsd", version, after_long_help = AFTER_HELP, max_term_width = 100)]
+pub struct Cli {
+    /// Role for callers that have no role of their own: an ARN, name, path/name, name@account-id
+    /// or name@alias. Same as --default-role.
+    #[arg(value_name = "DEFAULT_ROLE")]
+    pub default_role_positional: Option<String>,
+
+    /// Role for callers that have no role of their own (DEFAULT_ROLE is read too).
+    #[arg(long, env = "DEFAULT_IAM_ROLE", value_name = "ROLE")]
+    pub default_role: Option<String>,
+
+    /// TOML configuration file.
+    #[arg(long, env = "IMDSD_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Address to serve metadata on; repeat for several (an IPv6 one is written [fd00:ec2::254]:80).
+    /// [default: 169.254.169.254:80]
+    #[arg(long, env = "IMDSD_LISTEN", value_name = "ADDR", value_delimiter = ',')]
+    pub listen: Vec<String>,
+
+    /// IMDSv2 policy: "optional" serves requests without a token too, "required" answers them 401.
+    /// [default: optional]
+    #[arg(long, env = "IMDSD_HTTP_TOKENS", value_name = "optional|required")]
+    pub http_tokens: Option<String>,
+
+    /// "disabled" answers every request 403, like an instance with its metadata endpoint off.
+    /// [default: enabled]
+    #[arg(long, env = "IMDSD_HTTP_ENDPOINT", value_name = "enabled|disabled")]
+    pub http_endpoint: Option<String>,
+
+    /// Serve locally minted credentials that look real but work nowhere; makes no AWS calls.
+    #[arg(long, env = "IMDSD_FAKE_CREDENTIALS", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true")]
+    pub fake_credentials: Option<String>,
+
+    /// Lifetime of fake credentials, like "6h" or "90m". [default: 6h]
+    #[arg(long, env = "IMDSD_FAKE_CREDENTIALS_LIFETIME", value_name = "DURATION")]
+    pub fake_credentials_lifetime: Option<String>,
+
+    /// JSON file mapping caller IPs or CIDRs to roles (lyft/metadataproxy's format is accepted).
+    #[arg(long, env = "ROLE_MAPPING_FILE", value_name = "PATH")]
+    pub role_mapping_file: Option<PathBuf>,
+
+    /// Account for role names given without one (e.g. "app").
+    #[arg(long, env = "DEFAULT_ACCOUNT_ID", value_name = "ID")]
+    pub default_account_id: Option<String>,
+
+    /// JSON object of account alias to account id, for roles written name@alias.
+    #[arg(long, env = "AWS_ACCOUNT_MAP", value_name = "JSON")]
+    pub account_map: Option<String>,
+
+    /// RoleSessionName template for callers that are not containers; {ip} is the caller's address.
+    /// [default: imdsd-{ip}]
+    #[arg(long, env = "IMDSD_SESSION_NAME", value_name = "TEMPLATE")]
+    pub session_name: Option<String>,
+
+    /// Credentials handed out keep at least this many minutes of validity (15 or more);
+    /// they are refreshed in the background before that. [default: 30]
+    #[arg(long, env = "ROLE_EXPIRATION_THRESHOLD", value_name = "MINUTES")]
+    pub refresh_threshold: Option<String>,
+
+    /// The instance's region (and the region for STS). AWS_DEFAULT_REGION is read too.
+    /// [default: us-east-1]
+    #[arg(long, env = "AWS_REGION", value_name = "REGION")]
+    pub region: Option<String>,
+
+    /// Directory for state that must survive restarts (the IMDSv2 token key).
+    /// [default: $STATE_DIRECTORY, /var/lib/imdsd, or ~/.local/state/imdsd]
+    #[arg(long, env = "IMDSD_STATE_DIR", value_name = "PATH")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Log format. [default: text]
+    #[arg(long, env = "IMDSD_LOG_FORMAT", value_name = "text|json")]
+    pub log_format: Option<String>,
+
+    /// Log filter, e.g. "info", "debug", or "info,imdsd::access=warn". [default: info]
+    #[arg(long, env = "IMDSD_LOG", value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// Keep connections open between requests (EC2 closes them; useful under heavy load).
+    #[arg(long, env = "IMDSD_KEEP_ALIVE", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true")]
+    pub keep_alive: Option<String>,
+
+    /// Answer a token request carrying "Expect: 100-continue" with 417, as EC2 does.
+    #[arg(long, env = "IMDSD_STRICT_EXPECT", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true")]
+    pub strict_expect: Option<String>,
+
+    /// "reject" refuses IMDSv2 requests carrying X-Forwarded-For with 403, as EC2 does.
+    /// [default: reject]
+    #[arg(long, env = "IMDSD_FORWARDED_FOR", value_name = "reject|allow")]
+    pub forwarded_for: Option<String>,
+}
+
+/// The configuration file. Keys mirror the flags, with underscores.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub default_role: Option<String>,
+    pub listen: Option<Vec<String>>,
+    pub http_tokens: Option<String>,
+    pub http_endpoint: Option<String>,
+    pub fake_credentials: Option<bool>,
+    pub fake_credentials_lifetime: Option<String>,
+    pub role_mapping_file: Option<PathBuf>,
+    pub default_account_id: Option<String>,
+    pub account_map: Option<HashMap<String, String>>,
+    pub session_name: Option<String>,
+    pub refresh_threshold: Option<u64>,
+    pub region: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+    pub keep_alive: Option<bool>,
+    pub strict_expect: Option<bool>,
+    pub forwarded_for: Option<String>,
+    #[serde(default)]
+    pub instance: InstanceSection,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where credentials come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceConfig {
+    /// Offline, locally minted credentials.
+    Fake { lifetime: Duration },
+    /// STS, from the operator's own AWS identity.
+    Sts,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub config_file: Option<PathBuf>,
+    pub listen: Vec<SocketAddr>,
+    pub imds: ImdsOptions,
+    pub server: ServerOptions,
+    pub source: SourceConfig,
+    pub broker: BrokerConfig,
+    pub identity: IdentityConfig,
+    pub default_account_id: Option<String>,
+    pub account_map: HashMap<String, String>,
+    /// The operator's region: STS's region, and the instance's unless the file says otherwise.
+    pub region: Option<String>,
+    pub instance: Instance,
+    pub state_dir: Option<PathBuf>,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+}
+
+/// Everything wrong with the configuration, one line each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.problems.len();
+        writeln!(
+            f,
+            "the configuration has {n} problem{}:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The outcome of reading the command line.
+#[derive(Debug)]
+pub enum Parsed {
+    Run(Box<Config>),
+    /// `--help` or `--version`: print and exit 0.
+    Info(String),
+}
+
+/// Parses `args` and the environment into a [`Config`]. `env` is the environment lookup (tests pass
+/// their own; clap reads the process environment for the flags' own variables).
+pub fn parse<I, T>(args: I, env: &dyn Fn(&str) -> Option<String>) -> Result<Parsed, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = match Cli::command().try_get_matches_from(args) {
+        Ok(m) => m,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    Ok(Parsed::Info(e.render().to_string()))
+                }
+                _ => Err(ConfigError {
+                    problems: vec![
+                        e.render()
+                            .to_string()
+                            .trim_end()
+                            .trim_start_matches("error: ")
+                            .to_string(),
+                    ],
+                }),
+            };
+        }
+    };
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| ConfigError {
+        problems: vec![e.to_string()],
+    })?;
+    resolve(&cli, &matches, env).map(|c| Parsed::Run(Box::new(c)))
+}
+
+/// Where a value came from, for error messages.
+enum Origin {
+    Flag(&'static str),
+    Env(&'static str),
+    File(&'static str),
+    Default,
+}
+
+struct Resolver<'a> {
+    matches: &'a ArgMatches,
+    file_path: Option<&'a Path>,
+    problems: Vec<String>,
+}
+
+impl Resolver<'_> {
+    /// Describes where a value came from: `--flag`, `ENV_VAR`, `file.toml: key`.
+    fn origin(&self, origin: &Origin) -> String {
+        match origin {
+            Origin::Flag(f) => format!("--{f}"),
+            Origin::Env(e) => e.to_string(),
+            Origin::File(k) => match self.file_path {
+                Some(p) => format!("{}: {k}", p.display()),
+                None => (*k).to_string(),
+            },
+            Origin::Default => "the default".into(),
+        }
+    }
+
+    fn problem(&mut self, origin: &Origin, message: impl std::fmt::Display) {
+        let at = self.origin(origin);
+        self.problems.push(format!("{at}: {message}"));
+    }
+
+    /// The flag/env value if clap has one, else the file's, with its origin.
+    fn pick<T>(
+        &self,
+        id: &str,
+        flag: &'static str,
+        env: &'static str,
+        cli: Option<T>,
+        file: Option<T>,
+    ) -> Option<(T, Origin)> {
+        if let Some(v) = cli {
+            let origin = match self.matches.value_source(id) {
+                Some(ValueSource::EnvVariable) => Origin::Env(env),
+                _ => Origin::Flag(flag),
+            };
+            return Some((v, origin));
+        }
+        file.map(|v| (v, Origin::File(flag_to_key(flag))))
+    }
+
+    fn boolean(
+        &mut self,
+        id: &str,
+        flag: &'static str,
+        env: &'static str,
+        cli: &Option<String>,
+        file: Option<bool>,
+    ) -> bool {
+        match self.pick(id, flag, env, cli.clone(), file.map(|b| b.to_string())) {
+            Some((v, origin)) => match parse_bool(&v) {
+                Some(b) => b,
+                None => {
+                    self.problem(
+                        &origin,
+                        format!("{v:?} is not a boolean; write true or false"),
+                    );
+                    false
+                }
+            },
+            None => false,
+        }
+    }
+
+    fn choice<T: Copy>(
+        &mut self,
+        picked: Option<(String, Origin)>,
+        choices: &[(&str, T)],
+        default: T,
+    ) -> T {
+        let Some((v, origin)) = picked else {
+            return default;
+        };
+        match choices
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(v.trim()))
+        {
+            Some((_, value)) => *value,
+            None => {
+                let names: Vec<String> = choices.iter().map(|(n, _)| format!("{n:?}")).collect();
+                self.problem(&origin, format!("{v:?} is not one of {}", names.join(", ")));
+                default
+            }
+        }
+    }
+}
+
+/// `fake-credentials` → `fake_credentials`: file keys mirror flag names.
+fn flag_to_key(flag: &'static str) -> &'static str {
+    match flag {
+        "default-role" => "default_role",
+        "http-tokens" => "http_tokens",
+        "http-endpoint" => "http_endpoint",
+        "fake-credentials" => "fake_credentials",
+        "fake-credentials-lifetime" => "fake_credentials_lifetime",
+        "role-mapping-file" => "role_mapping_file",
+        "default-account-id" => "default_account_id",
+        "account-map" => "account_map",
+        "session-name" => "session_name",
+        "refresh-threshold" => "refresh_threshold",
+        "state-dir" => "state_dir",
+        "log-format" => "log_format",
+        "log-level" => "log_level",
+        "keep-alive" => "keep_alive",
+        "strict-expect" => "strict_expect",
+        "forwarded-for" => "forwarded_for",
+        other => other,
+    }
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" | "" => Some(false),
+        _ => None,
+    }
+}
+
+/// `169.254.169.254:80`, `[fd00:ec2::254]:80`, or a bare address meaning port 80.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if let Ok(ip) = s
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        return Ok(SocketAddr::new(ip, 80));
+    }
+    Err(format!(
+        "{s:?} is not an address to listen on; write an IP and port such as \"{DEFAULT_LISTEN}\" or \
+         \"[fd00:ec2::254]:80\""
+    ))
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "{}: cannot read the configuration file: {e}",
+            path.display()
+        )
+    })?;
+    toml::from_str(&text).map_err(|e| {
+        let msg = e.message();
+        let at = e
+            .span()
+            .map(|span| {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        let hint = if msg.contains("unknown field") {
+            "; see the commented example in imdsd.example.toml for every key"
+        } else {
+            ""
+        };
+        format!("{}{at}: {msg}{hint}", path.display())
+    })
+}
+
+fn resolve(
+    cli: &Cli,
+    matches: &ArgMatches,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let mut problems = Vec::new();
+    let file = match &cli.config {
+        Some(path) => match read_file(path) {
+            Ok(f) => f,
+            Err(e) => {
+                problems.push(e);
+                FileConfig::default()
+            }
+        },
+        None => FileConfig::default(),
+    };
+    let mut r = Resolver {
+        matches,
+        file_path: cli.config.as_deref(),
+        problems,
+    };
+
+    // --listen
+    let listen_strings = if cli.listen.is_empty() {
+        file.listen.clone().map(|l| (l, Origin::File("listen")))
+    } else {
+        let origin = match matches.value_source("listen") {
+            Some(ValueSource::EnvVariable) => Origin::Env("IMDSD_LISTEN"),
+            _ => Origin::Flag("listen"),
+        };
+        Some((cli.listen.clone(), origin))
+    };
+    let mut listen = Vec::new();
+    match listen_strings {
+        Some((list, origin)) => {
+            for s in &list {
+                match parse_listen(s) {
+                    Ok(a) if !listen.contains(&a) => listen.push(a),
+                    Ok(_) => {}
+                    Err(e) => r.problem(&origin, e),
+                }
+            }
+            if list.is_empty() {
+                r.problem(&origin, "names no address; give at least one");
+            }
+        }
+        None => listen
+            .push(parse_listen(DEFAULT_LISTEN).map_err(|e| ConfigError { problems: vec![e] })?),
+    }
+
+    let http_tokens = {
+        let picked = r.pick(
+            "http_tokens",
+            "http-tokens",
+            "IMDSD_HTTP_TOKENS",
+            cli.http_tokens.clone(),
+            file.http_tokens.clone(),
+        );
+        r.choice(
+            picked,
+            &[
+                ("optional", HttpTokens::Optional),
+                ("required", HttpTokens::Required),
+            ],
+            HttpTokens::Optional,
+        )
+    };
+    let endpoint_enabled = {
+        let picked = r.pick(
+            "http_endpoint",
+            "http-endpoint",
+            "IMDSD_HTTP_ENDPOINT",
+            cli.http_endpoint.clone(),
+            file.http_endpoint.clone(),
+        );
+        r.choice(picked, &[("enabled", true), ("disabled", false)], true)
+    };
+    let reject_forwarded = {
+        let picked = r.pick(
+            "forwarded_for",
+            "forwarded-for",
+            "IMDSD_FORWARDED_FOR",
+            cli.forwarded_for.clone(),
+            file.forwarded_for.clone(),
+        );
+        r.choice(picked, &[("reject", true), ("allow", false)], true)
+    };
+    let log_format = {
+        let picked = r.pick(
+            "log_format",
+            "log-format",
+            "IMDSD_LOG_FORMAT",
+            cli.log_format.clone(),
+            file.log_format.clone(),
+        );
+        r.choice(
+            picked,
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+            LogFormat::Text,
+        )
+    };
+    let log_filter = match r.pick(
+        "log_level",
+        "log-level",
+        "IMDSD_LOG",
+        cli.log_level.clone(),
+        file.log_level.clone(),
+    ) {
+        Some((f, origin)) => {
+            if let Err(e) = tracing_subscriber::EnvFilter::try_new(&f) {
+                r.problem(
+                    &origin,
+                    format!("{f:?} is not a log filter ({e}); try \"info\" or \"debug\""),
+                );
+            }
+            f
+        }
+        None => "info".into(),
+    };
+    let fake = r.boolean(
+        "fake_credentials",
+        "fake-credentials",
+        "IMDSD_FAKE_CREDENTIALS",
+        &cli.fake_credentials,
+        file.fake_credentials,
+    );
+    let keep_alive = r.boolean(
+        "keep_alive",
+        "keep-alive",
+        "IMDSD_KEEP_ALIVE",
+        &cli.keep_alive,
+        file.keep_alive,
+    );
+    let strict_expect = r.boolean(
+        "strict_expect",
+        "strict-expect",
+        "IMDSD_STRICT_EXPECT",
+        &cli.strict_expect,
+        file.strict_expect,
+    );
+
+    let fake_lifetime = match r.pick(
+        "fake_credentials_lifetime",
+        "fake-credentials-lifetime",
+        "IMDSD_FAKE_CREDENTIALS_LIFETIME",
+        cli.fake_credentials_lifetime.clone(),
+        file.fake_credentials_lifetime.clone(),
+    ) {
+        Some((s, origin)) => match humantime::parse_duration(s.trim()) {
+            Ok(d) if (Duration::from_secs(60)..=Duration::from_secs(36 * 3600)).contains(&d) => d,
+            Ok(_) => {
+                r.problem(&origin, format!("{s:?} is outside 1m to 36h"));
+                DEFAULT_LIFETIME
+            }
+            Err(e) => {
+                r.problem(
+                    &origin,
+                    format!("{s:?} is not a duration such as \"6h\" or \"90m\" ({e})"),
+                );
+                DEFAULT_LIFETIME
+            }
+        },
+        None => DEFAULT_LIFETIME,
+    };
+
+    let mut broker = BrokerConfig::default();
+    if let Some((s, origin)) = r.pick(
+        "refresh_threshold",
+        "refresh-threshold",
+        "ROLE_EXPIRATION_THRESHOLD",
+        cli.refresh_threshold.clone(),
+        file.refresh_threshold.map(|m| m.to_string()),
+    ) {
+        match s.trim().parse::<u64>() {
+            Ok(m) if (15..=720).contains(&m) => broker.min_remaining = Duration::from_secs(m * 60),
+            Ok(m) => r.problem(
+                &origin,
+                format!(
+                    "{m} minutes is outside 15 to 720: below 15 minutes of validity botocore refreshes \
+                     on every call, so write 15 or more (30 is the default)"
+                ),
+            ),
+            Err(_) => r.problem(&origin, format!("{s:?} is not a whole number of minutes")),
+        }
+    }
+
+    // The role named for callers without one: --default-role / DEFAULT_IAM_ROLE, the positional
+    // argument, then lyft's DEFAULT_ROLE, then the file.
+    let default_role_text = match (&cli.default_role, &cli.default_role_positional) {
+        (Some(flag), Some(pos)) if flag != pos => {
+            let origin = r
+                .pick(
+                    "default_role",
+                    "default-role",
+                    "DEFAULT_IAM_ROLE",
+                    Some(()),
+                    None,
+                )
+                .map(|p| p.1);
+            if let Some(o) = origin {
+                r.problem(
+                    &o,
+                    format!("{flag:?} conflicts with the DEFAULT_ROLE argument {pos:?}; give the role once"),
+                );
+            }
+            None
+        }
+        (Some(_), _) => r.pick(
+            "default_role",
+            "default-role",
+            "DEFAULT_IAM_ROLE",
+            cli.default_role.clone(),
+            None,
+        ),
+        (None, Some(pos)) => Some((pos.clone(), Origin::Flag("default-role"))),
+        (None, None) => env("DEFAULT_ROLE")
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| (s, Origin::Env("DEFAULT_ROLE")))
+            .or_else(|| {
+                file.default_role
+                    .clone()
+                    .map(|s| (s, Origin::File("default_role")))
+            }),
+    };
+    let default_role = default_role_text.and_then(|(text, origin)| match RoleSpec::parse(&text) {
+        Ok(spec) => Some(spec),
+        Err(e) => {
+            r.problem(&origin, e);
+            None
+        }
+    });
+
+    let mapping = match r.pick(
+        "role_mapping_file",
+        "role-mapping-file",
+        "ROLE_MAPPING_FILE",
+        cli.role_mapping_file.clone(),
+        file.role_mapping_file.clone(),
+    ) {
+        Some((path, origin)) => match RoleMapping::load(&path) {
+            Ok(m) => m,
+            Err(errors) => {
+                for e in errors {
+                    r.problem(&origin, format!("{}: {e}", path.display()));
+                }
+                RoleMapping::default()
+            }
+        },
+        None => RoleMapping::default(),
+    };
+
+    let session_name_template = match r.pick(
+        "session_name",
+        "session-name",
+        "IMDSD_SESSION_NAME",
+        cli.session_name.clone(),
+        file.session_name.clone(),
+    ) {
+        Some((t, origin)) => {
+            if let Err(e) = check_session_name_template(&t) {
+                r.problem(&origin, e);
+            }
+            t
+        }
+        None => DEFAULT_SESSION_NAME_TEMPLATE.into(),
+    };
+
+    let default_account_id = match r.pick(
+        "default_account_id",
+        "default-account-id",
+        "DEFAULT_ACCOUNT_ID",
+        cli.default_account_id.clone(),
+        file.default_account_id.clone(),
+    ) {
+        Some((id, origin)) => {
+            let id = id.trim().to_string();
+            if id.len() == 12 && id.bytes().all(|b| b.is_ascii_digit()) {
+                Some(id)
+            } else {
+                r.problem(&origin, format!("{id:?} is not a 12-digit AWS account id"));
+                None
+            }
+        }
+        None => None,
+    };
+
+    let account_map = match (&cli.account_map, &file.account_map) {
+        (Some(json), _) => {
+            let origin = r
+                .pick(
+                    "account_map",
+                    "account-map",
+                    "AWS_ACCOUNT_MAP",
+                    Some(()),
+                    None,
+                )
+                .map_or(Origin::Default, |p| p.1);
+            parse_account_map(json).unwrap_or_else(|e| {
+                r.problem(&origin, e);
+                HashMap::new()
+            })
+        }
+        (None, Some(table)) => {
+            let json = serde_json::to_string(table).unwrap_or_default();
+            parse_account_map(&json).unwrap_or_else(|e| {
+                r.problem(&Origin::File("account_map"), e);
+                HashMap::new()
+            })
+        }
+        (None, None) => HashMap::new(),
+    };
+
+    let region = match r.pick(
+        "region",
+        "region",
+        "AWS_REGION",
+        cli.region.clone(),
+        file.region.clone(),
+    ) {
+        Some((reg, origin)) => {
+            if is_region(reg.trim()) {
+                Some(reg.trim().to_string())
+            } else {
+                r.problem(
+                    &origin,
+                    format!("{reg:?} is not an AWS region such as \"us-east-1\""),
+                );
+                None
+            }
+        }
+        None => env("AWS_DEFAULT_REGION")
+            .filter(|s| is_region(s.trim()))
+            .map(|s| s.trim().to_string()),
+    };
+
+    let instance = match Instance::resolve(
+        &file.instance,
+        &InstanceDefaults {
+            region: region.clone(),
+            mocked_instance_id: env("MOCKED_INSTANCE_ID").filter(|s| !s.is_empty()),
+            started: Some(SystemTime::now()),
+        },
+    ) {
+        Ok(i) => Some(i),
+        Err(problems) => {
+            for p in problems {
+                let origin_text = match r.file_path {
+                    Some(path) => format!("{}: instance.{}", path.display(), p.key),
+                    None => format!("instance.{}", p.key),
+                };
+                r.problems.push(format!("{origin_text}: {}", p.message));
+            }
+            None
+        }
+    };
+
+    let state_dir = r
+        .pick(
+            "state_dir",
+            "state-dir",
+            "IMDSD_STATE_DIR",
+            cli.state_dir.clone(),
+            file.state_dir.clone(),
+        )
+        .map(|(p, _)| p);
+
+    if !r.problems.is_empty() {
+        return Err(ConfigError {
+            problems: r.problems,
+        });
+    }
+    let Some(instance) = instance else {
+        return Err(ConfigError {
+            problems: vec!["the [instance] table is invalid".into()],
+        });
+    };
+    let source = if fake {
+        SourceConfig::Fake {
+            lifetime: fake_lifetime,
+        }
+    } else {
+        SourceConfig::Sts
+    };
+    Ok(Config {
+        config_file: cli.config.clone(),
+        listen,
+        imds: ImdsOptions {
+            http_tokens,
+            endpoint_enabled,
+            reject_forwarded,
+            strict_expect,
+            connection: if keep_alive {
+                Connection::KeepAlive
+            } else {
+                Connection::Close
+            },
+        },
+        server: ServerOptions {
+            keep_alive,
+            ..ServerOptions::default()
+        },
+        source,
+        broker,
+        identity: IdentityConfig {
+            default_role,
+            mapping,
+            session_name_template,
+        },
+        default_account_id,
+        account_map,
+        region,
+        instance,
+        state_dir,
+        log_format,
+        log_filter,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_none(_: &str) -> Option<String> {
+        None
+    }
+
+    fn config(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut full = vec!["imdsd"];
+        full.extend_from_slice(args);
+        match parse(full, &env_none)? {
+            Parsed::Run(c) => Ok(*c),
+            Parsed::Info(s) => panic!("unexpected info output: {s}"),
+        }
+    }
+
+    fn file(contents: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("tempfile");
+        std::io::Write::write_all(&mut f, contents.as_bytes()).expect("write");
+        f
+    }
+
+    #[test]
+    fn defaults_match_ec2() {
+        let c = config(&[]).expect("valid");
+        assert_eq!(
+            c.listen,
+            vec!["169.254.169.254:80".parse::<SocketAddr>().expect("addr")]
+        );
+        assert_eq!(c.imds.http_tokens, HttpTokens::Optional);
+        assert!(c.imds.endpoint_enabled && c.imds.reject_forwarded && !c.imds.strict_expect);
+        assert_eq!(c.imds.connection, Connection::Close);
+        assert_eq!(c.source, SourceConfig::Sts);
+        assert_eq!(c.broker.min_remaining, Duration::from_secs(30 * 60));
+        assert!(c.identity.default_role.is_none());
+    }
+
+    #[test]
+    fn flags_parse() {
+        let c = config(&[
+            "--listen",
+            "127.0.0.1:8169",
+            "--listen",
+            "[::1]:8169",
+            "--http-tokens",
+            "required",
+            "--fake-credentials",
+            "app@123456789012",
+        ])
+        .expect("valid");
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(
+            c.listen[1],
+            "[::1]:8169".parse::<SocketAddr>().expect("addr")
+        );
+        assert_eq!(c.imds.http_tokens, HttpTokens::Required);
+        assert_eq!(
+            c.source,
+            SourceConfig::Fake {
+                lifetime: DEFAULT_LIFETIME
+            }
+        );
+        assert_eq!(
+            c.identity.default_role.as_ref().map(RoleSpec::name),
+            Some("app")
+        );
+    }
+
+    #[test]
+    fn a_flag_beats_the_file_and_the_file_beats_the_default() {
+        let f = file(
+            "http_tokens = \"required\"\nlisten = [\"127.0.0.1:9000\"]\nfake_credentials = true\n[instance]\nregion = \"eu-west-1\"\n",
+        );
+        let path = f.path().to_str().expect("utf8");
+        let c = config(&["--config", path]).expect("valid");
+        assert_eq!(c.imds.http_tokens, HttpTokens::Required);
+        assert_eq!(
+            c.listen,
+            vec!["127.0.0.1:9000".parse::<SocketAddr>().expect("addr")]
+        );
+        assert_eq!(c.instance.region, "eu-west-1");
+        assert_eq!(c.instance.availability_zone, "eu-west-1a");
+        let c = config(&[
+            "--config",
+            path,
+            "--http-tokens",
+            "optional",
+            "--fake-credentials=false",
+        ])
+        .expect("valid");
+        assert_eq!(c.imds.http_tokens, HttpTokens::Optional);
+        assert_eq!(c.source, SourceConfig::Sts);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_origin() {
+        let f = file("http_endpoint = \"sometimes\"\n[instance]\naccount_id = \"42\"\n");
+        let path = f.path().to_str().expect("utf8").to_string();
+        let err = config(&[
+            "--config",
+            &path,
+            "--listen",
+            "localhost:80",
+            "--http-tokens",
+            "maybe",
+            "--refresh-threshold",
+            "5",
+            "--fake-credentials=perhaps",
+            "bad role name",
+        ])
+        .expect_err("invalid");
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 7, "{text}");
+        assert!(
+            text.contains("--listen: \"localhost:80\" is not an address"),
+            "{text}"
+        );
+        assert!(
+            text.contains("--http-tokens: \"maybe\" is not one of \"optional\", \"required\""),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{path}: http_endpoint: \"sometimes\"")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{path}: instance.account_id")),
+            "{text}"
+        );
+        assert!(
+            text.contains("--refresh-threshold: 5 minutes is outside 15 to 720"),
+            "{text}"
+        );
+        assert!(
+            text.contains("--fake-credentials: \"perhaps\" is not a boolean"),
+            "{text}"
+        );
+        assert!(text.contains("contains ' '"), "{text}");
+    }
+
+    #[test]
+    fn unknown_file_keys_name_the_file_the_line_and_the_key() {
+        let f = file("listen = [\"127.0.0.1:1\"]\nlisn = 3\n");
+        let path = f.path().to_str().expect("utf8").to_string();
+        let err = config(&["--config", &path]).expect_err("invalid");
+        let text = err.to_string();
+        assert!(text.contains(&path), "{text}");
+        assert!(text.contains("(line 2)"), "{text}");
+        assert!(text.contains("lisn"), "{text}");
+    }
+
+    #[test]
+    fn a_missing_config_file_is_reported() {
+        let err = config(&["--config", "/nonexistent/imdsd.toml"]).expect_err("missing");
+        assert!(
+            err.to_string()
+                .contains("/nonexistent/imdsd.toml: cannot read"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn lyft_default_role_is_read_when_nothing_else_names_one() {
+        let env = |k: &str| (k == "DEFAULT_ROLE").then(|| "lyft-role".to_string());
+        let Parsed::Run(c) = parse(["imdsd"], &env).expect("valid") else {
+            panic!("expected a config")
+        };
+        assert_eq!(
+            c.identity.default_role.as_ref().map(RoleSpec::name),
+            Some("lyft-role")
+        );
+        let Parsed::Run(c) = parse(["imdsd", "positional"], &env).expect("valid") else {
+            panic!("expected a config")
+        };
+        assert_eq!(
+            c.identity.default_role.as_ref().map(RoleSpec::name),
+            Some("positional")
+        );
+    }
+
+    #[test]
+    fn listen_addresses_accept_ipv6_and_bare_ips() {
+        assert_eq!(
+            parse_listen("[fd00:ec2::254]:80"),
+            Ok("[fd00:ec2::254]:80".parse().expect("addr"))
+        );
+        assert_eq!(
+            parse_listen("169.254.169.254"),
+            Ok("169.254.169.254:80".parse().expect("addr"))
+        );
+        assert_eq!(
+            parse_listen("fd00:ec2::254"),
+            Ok("[fd00:ec2::254]:80".parse().expect("addr"))
+        );
+        assert!(parse_listen("metadata:80").is_err());
+    }
+
+    #[test]
+    fn help_is_information_not_an_error() {
+        match parse(["imdsd", "--help"], &env_none) {
+            Ok(Parsed::Info(text)) => {
+                assert!(text.contains("--http-tokens"));
+                assert!(text.contains("[env: IMDSD_HTTP_TOKENS="));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

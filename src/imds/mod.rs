@@ -1,0 +1,397 @@
+//! The instance metadata service as callers see it: routing, IMDSv2 tokens, and every response in
+//! the bytes EC2 sends (see `reference/imds-protocol.md` in the shared notes).
+//!
+//! [`Imds::handle`] is the whole request path. It takes a request and the caller's address and
+//! never fails: every outcome, including bad input, is a response. It makes no Docker or STS call
+//! when the caller is known and its credentials are cached.
+
+pub mod path;
+pub mod response;
+pub mod token;
+pub mod tree;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+
+use crate::clock::{SharedClock, format_iso8601};
+use crate::credentials::SourceError;
+use crate::credentials::broker::{Broker, FetchError, Served};
+use crate::identity::{Assignment, Identity, Workload};
+use path::MetadataPath;
+use response::{
+    ALLOW_METADATA, ALLOW_TOKEN, Body, ContentType, Responder, TOKEN_HEADER, TOKEN_TTL_HEADER,
+};
+use token::Tokens;
+use tree::{Node, Tree};
+
+/// `HttpTokens`: whether IMDSv1 (no token) is still served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HttpTokens {
+    #[default]
+    Optional,
+    Required,
+}
+
+/// How the service behaves, beyond what it serves.
+#[derive(Debug, Clone)]
+pub struct ImdsOptions {
+    pub http_tokens: HttpTokens,
+    /// `HttpEndpoint`: when false, every request gets 403 as on an instance with IMDS turned off.
+    pub endpoint_enabled: bool,
+    /// Refuse token PUTs, and token-bearing GETs, that carry `X-Forwarded-For` (EC2 does).
+    pub reject_forwarded: bool,
+    /// Answer a token PUT carrying `Expect: 100-continue` with 417, as EC2 does.
+    pub strict_expect: bool,
+    pub connection: response::Connection,
+}
+
+impl Default for ImdsOptions {
+    fn default() -> Self {
+        Self {
+            http_tokens: HttpTokens::Optional,
+            endpoint_enabled: true,
+            reject_forwarded: true,
+            strict_expect: false,
+            connection: response::Connection::Close,
+        }
+    }
+}
+
+/// The metadata service. Shared by every connection.
+#[derive(Debug)]
+pub struct Imds {
+    tree: Tree,
+    tokens: Tokens,
+    identity: Arc<Identity>,
+    broker: Broker,
+    responder: Responder,
+    options: ImdsOptions,
+    clock: SharedClock,
+}
+
+/// What the handler decided, for the request log.
+struct Outcome {
+    response: Response<Body>,
+    role: Option<Arc<Assignment>>,
+}
+
+impl From<Response<Body>> for Outcome {
+    fn from(response: Response<Body>) -> Self {
+        Outcome {
+            response,
+            role: None,
+        }
+    }
+}
+
+const IAM_PREFIX: &str = "meta-data/iam";
+const FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
+
+impl Imds {
+    pub fn new(
+        tree: Tree,
+        tokens: Tokens,
+        identity: Arc<Identity>,
+        broker: Broker,
+        options: ImdsOptions,
+        clock: SharedClock,
+    ) -> Self {
+        let responder = Responder::new(options.connection, clock.now());
+        Self {
+            tree,
+            tokens,
+            identity,
+            broker,
+            responder,
+            options,
+            clock,
+        }
+    }
+
+    /// Answers one request from `caller`.
+    pub async fn handle<B>(&self, request: Request<B>, caller: IpAddr) -> Response<Body> {
+        let started = tokio::time::Instant::now();
+        let outcome = self.route(&request, caller).await;
+        let status = outcome.response.status();
+        let role = outcome.role.as_ref().map(|a| a.request.role_arn.as_str());
+        tracing::info!(
+            target: "imdsd::access",
+            method = %request.method(),
+            path = request.uri().path(),
+            caller = %caller,
+            role,
+            status = status.as_u16(),
+            micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            agent = request
+                .headers()
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-"),
+        );
+        outcome.response
+    }
+
+    async fn route<B>(&self, req: &Request<B>, caller: IpAddr) -> Outcome {
+        let r = &self.responder;
+        if !self.options.endpoint_enabled {
+            return r.error(StatusCode::FORBIDDEN).into();
+        }
+        let path = match path::parse(req.uri().path()) {
+            Ok(p) => p,
+            Err(_) => return r.error(StatusCode::BAD_REQUEST).into(),
+        };
+        if let MetadataPath::Versioned { latest, rest } = &path
+            && rest == "api/token"
+        {
+            return match *req.method() {
+                Method::PUT if *latest => self.issue_token(req, caller).await.into(),
+                // EC2 refuses versioned token paths outright, and says this is intended.
+                Method::PUT => r.error(StatusCode::FORBIDDEN).into(),
+                Method::OPTIONS => r.options(ALLOW_TOKEN).into(),
+                _ => r.method_not_allowed(ALLOW_TOKEN).into(),
+            };
+        }
+        match *req.method() {
+            Method::GET | Method::HEAD => {}
+            Method::OPTIONS => return r.options(ALLOW_METADATA).into(),
+            _ => return r.method_not_allowed(ALLOW_METADATA).into(),
+        }
+
+        let workload = self.identity.resolve(caller).await;
+        let token_ttl = match req.headers().get(TOKEN_HEADER) {
+            Some(token) => {
+                if self.options.reject_forwarded && req.headers().contains_key(FORWARDED_FOR) {
+                    return r.error(StatusCode::FORBIDDEN).into();
+                }
+                match self.tokens.verify(
+                    token.as_bytes(),
+                    workload.binding.as_bytes(),
+                    std::time::SystemTime::now(),
+                ) {
+                    Ok(left) => Some(left),
+                    Err(e) => {
+                        tracing::debug!(caller = %caller, reason = %e, "refused an IMDSv2 token");
+                        return r.error(StatusCode::UNAUTHORIZED).into();
+                    }
+                }
+            }
+            None if self.options.http_tokens == HttpTokens::Required => {
+                return r.error(StatusCode::UNAUTHORIZED).into();
+            }
+            None => None,
+        };
+
+        let mut outcome = self.serve(&path, &workload).await;
+        if let Some(left) = token_ttl {
+            outcome
+                .response
+                .headers_mut()
+                .insert(TOKEN_TTL_HEADER, HeaderValue::from(left.as_secs()));
+        }
+        outcome
+    }
+
+    async fn issue_token<B>(&self, req: &Request<B>, caller: IpAddr) -> Response<Body> {
+        let r = &self.responder;
+        let headers = req.headers();
+        if self.options.reject_forwarded && headers.contains_key(FORWARDED_FOR) {
+            return r.error(StatusCode::FORBIDDEN);
+        }
+        if self.options.strict_expect && headers.contains_key(header::EXPECT) {
+            return r.error(StatusCode::EXPECTATION_FAILED);
+        }
+        let Some(ttl) = headers
+            .get(TOKEN_TTL_HEADER)
+            .and_then(|v| token::parse_ttl(v.as_bytes()))
+        else {
+            return r.error(StatusCode::BAD_REQUEST);
+        };
+        let workload = self.identity.resolve(caller).await;
+        match self.tokens.issue(
+            workload.binding.as_bytes(),
+            ttl,
+            std::time::SystemTime::now(),
+        ) {
+            Ok(token) => r.token(Bytes::from(token), ttl),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot issue an IMDSv2 token: the system random generator failed");
+                r.error(StatusCode::INTERNAL_SERVER_ERROR)
+            }
+        }
+    }
+
+    async fn serve(&self, path: &MetadataPath, workload: &Workload) -> Outcome {
+        let r = &self.responder;
+        let rest = match path {
+            MetadataPath::Root => {
+                return r
+                    .ok(self.tree.root_listing(), ContentType::Text, None)
+                    .into();
+            }
+            MetadataPath::UnknownVersion => return r.error(StatusCode::NOT_FOUND).into(),
+            MetadataPath::Versioned { rest, .. } => rest.as_str(),
+        };
+        if rest == "meta-data" {
+            let with_iam = workload.role.assignment().is_some();
+            return r
+                .ok(
+                    self.tree.meta_data_listing(with_iam),
+                    ContentType::Text,
+                    None,
+                )
+                .into();
+        }
+        if let Some(sub) = rest.strip_prefix(IAM_PREFIX)
+            && (sub.is_empty() || sub.starts_with('/'))
+        {
+            return self.serve_iam(sub.trim_start_matches('/'), workload).await;
+        }
+        match self.tree.get(rest) {
+            Some(Node::Dir(listing)) => r.ok(listing.clone(), ContentType::Text, None).into(),
+            Some(Node::Leaf(body, content_type)) => r.ok(body.clone(), *content_type, None).into(),
+            None => r.error(StatusCode::NOT_FOUND).into(),
+        }
+    }
+
+    /// `meta-data/iam/…`: present only for callers with a role.
+    async fn serve_iam(&self, sub: &str, workload: &Workload) -> Outcome {
+        let r = &self.responder;
+        let Some(assignment) = workload.role.assignment() else {
+            return r.error(StatusCode::NOT_FOUND).into();
+        };
+        let role = Some(assignment.clone());
+        let response = match sub.split_once('/') {
+            None if sub.is_empty() => r.ok(
+                Bytes::from_static(b"info\nsecurity-credentials/"),
+                ContentType::Text,
+                None,
+            ),
+            None if sub == "info" => r.ok(self.iam_info(assignment), ContentType::Text, None),
+            None if sub == "security-credentials" => r.ok(
+                Bytes::from(assignment.role_name().to_string()),
+                ContentType::Text,
+                None,
+            ),
+            Some(("security-credentials", name)) if name == assignment.role_name() => {
+                return Outcome {
+                    response: self.serve_credentials(assignment).await,
+                    role,
+                };
+            }
+            _ => r.error(StatusCode::NOT_FOUND),
+        };
+        Outcome { response, role }
+    }
+
+    async fn serve_credentials(&self, assignment: &Assignment) -> Response<Body> {
+        let r = &self.responder;
+        match self.broker.get(&assignment.request).await {
+            Ok(served) => r.ok(
+                credentials_document(&served),
+                ContentType::Text,
+                Some(served.last_updated),
+            ),
+            Err(FetchError {
+                error: SourceError::Denied { code, message },
+                at,
+            }) => {
+                // EC2 reports a role it cannot assume as a 200 carrying the error code; SDKs then
+                // report "no credentials" instead of retrying forever.
+                let body = response::pretty_object(&[
+                    ("Code", response::json_str(&code)),
+                    ("Message", response::json_str(&message)),
+                    ("LastUpdated", response::json_str(&format_iso8601(at))),
+                ]);
+                r.ok(Bytes::from(body), ContentType::Text, Some(at))
+            }
+            Err(FetchError {
+                error: SourceError::Unavailable(message),
+                ..
+            }) => {
+                tracing::warn!(role = %assignment.request.role_arn, error = %message, "answering 503: no credentials to serve");
+                r.error(StatusCode::SERVICE_UNAVAILABLE)
+            }
+        }
+    }
+
+    fn iam_info(&self, assignment: &Assignment) -> Bytes {
+        let arn = &assignment.request.role_arn;
+        let last_updated = self
+            .broker
+            .peek(&assignment.request)
+            .map_or_else(|| self.clock.now(), |s| s.last_updated);
+        let profile_arn = format!(
+            "arn:{}:iam::{}:instance-profile{}{}",
+            arn.partition(),
+            arn.account(),
+            arn.path(),
+            arn.name()
+        );
+        Bytes::from(response::pretty_object(&[
+            ("Code", response::json_str("Success")),
+            (
+                "LastUpdated",
+                response::json_str(&format_iso8601(last_updated)),
+            ),
+            ("InstanceProfileArn", response::json_str(&profile_arn)),
+            (
+                "InstanceProfileId",
+                response::json_str(&instance_profile_id(arn.as_str())),
+            ),
+        ]))
+    }
+
+    /// How long tokens issued now for `binding` would be valid; for tests and the admin API.
+    pub fn verify_token(&self, token: &str, binding: &str) -> Option<Duration> {
+        self.tokens
+            .verify(
+                token.as_bytes(),
+                binding.as_bytes(),
+                std::time::SystemTime::now(),
+            )
+            .ok()
+    }
+}
+
+/// EC2's credentials document: seven keys in EC2's order, pretty-printed, no final newline.
+pub fn credentials_document(served: &Served) -> Bytes {
+    let c = &served.credentials;
+    Bytes::from(response::pretty_object(&[
+        ("Code", response::json_str("Success")),
+        (
+            "LastUpdated",
+            response::json_str(&format_iso8601(served.last_updated)),
+        ),
+        ("Type", response::json_str("AWS-HMAC")),
+        ("AccessKeyId", response::json_str(&c.access_key_id)),
+        (
+            "SecretAccessKey",
+            response::json_str(c.secret_access_key.expose()),
+        ),
+        ("Token", response::json_str(c.session_token.expose())),
+        (
+            "Expiration",
+            response::json_str(&format_iso8601(c.expiration)),
+        ),
+    ]))
+}
+
+/// A stable `AIPA…` id for the instance profile named after a role, as IAM ids look.
+fn instance_profile_id(arn: &str) -> String {
+    use sha2::{Digest as _, Sha256};
+    const BASE32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let digest = Sha256::digest(arn.as_bytes());
+    let mut id = String::from("AIPA");
+    id.extend(
+        digest
+            .iter()
+            .take(17)
+            .map(|b| BASE32[usize::from(b & 31)] as char),
+    );
+    id
+}

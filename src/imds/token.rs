@@ -1,0 +1,241 @@
+//! IMDSv2 session tokens: stateless, bound to the caller, and valid across restarts.
+//!
+//! A token is 40 bytes, sent as 56 characters of URL-safe base64 (like EC2's, ending in `==`):
+//!
+//! ```text
+//! [0]      format version (1)
+//! [1..5]   expiry, Unix seconds, big-endian
+//! [5..20]  random nonce, so every token is distinct
+//! [20..40] HMAC-SHA256(key, bytes[0..20] ‖ binding), truncated to 20 bytes
+//! ```
+//!
+//! Nothing is stored per token, so any number can be live at once (botocore asks for a new one on
+//! every credential fetch). The binding is the caller's workload identity, so a token is worthless
+//! to anyone else. The key lives in the state directory, so a restart keeps every issued token
+//! valid: the Rust SDK caches its token for up to six hours and does not drop it on a 401.
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE;
+use hmac::{Hmac, KeyInit as _, Mac as _};
+use sha2::Sha256;
+use subtle::ConstantTimeEq as _;
+
+use crate::clock::unix_seconds;
+
+/// The longest TTL a caller may ask for (six hours).
+pub const MAX_TTL: u32 = 21_600;
+/// Length of a token on the wire.
+pub const TOKEN_LEN: usize = 56;
+
+const VERSION: u8 = 1;
+const RAW_LEN: usize = 40;
+const SIGNED_LEN: usize = 20;
+
+/// The secret that signs tokens.
+#[derive(Clone)]
+pub struct TokenKey([u8; 32]);
+
+impl TokenKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    pub fn random() -> Result<Self, getrandom::Error> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes)?;
+        Ok(Self(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKey(<redacted>)")
+    }
+}
+
+/// Why a presented token was refused. All of them are a 401 to the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the token is malformed")]
+    Malformed,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token was not issued to this caller, or not by this daemon")]
+    BadSignature,
+}
+
+/// Issues and checks tokens.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    key: TokenKey,
+}
+
+impl Tokens {
+    pub fn new(key: TokenKey) -> Self {
+        Self { key }
+    }
+
+    /// A token for `binding`, valid `ttl` seconds from `now`.
+    pub fn issue(
+        &self,
+        binding: &[u8],
+        ttl: u32,
+        now: SystemTime,
+    ) -> Result<String, getrandom::Error> {
+        let expires = u32::try_from(unix_seconds(now) + u64::from(ttl)).unwrap_or(u32::MAX);
+        let mut raw = [0u8; RAW_LEN];
+        raw[0] = VERSION;
+        raw[1..5].copy_from_slice(&expires.to_be_bytes());
+        getrandom::fill(&mut raw[5..SIGNED_LEN])?;
+        let mac = self.mac(&raw[..SIGNED_LEN], binding);
+        raw[SIGNED_LEN..].copy_from_slice(&mac[..RAW_LEN - SIGNED_LEN]);
+        Ok(URL_SAFE.encode(raw))
+    }
+
+    /// Checks a presented token for `binding`; returns how long it has left.
+    pub fn verify(
+        &self,
+        token: &[u8],
+        binding: &[u8],
+        now: SystemTime,
+    ) -> Result<Duration, TokenError> {
+        if token.len() != TOKEN_LEN {
+            return Err(TokenError::Malformed);
+        }
+        let mut raw = [0u8; RAW_LEN + 2];
+        let n = URL_SAFE
+            .decode_slice(token, &mut raw)
+            .map_err(|_| TokenError::Malformed)?;
+        if n != RAW_LEN || raw[0] != VERSION {
+            return Err(TokenError::Malformed);
+        }
+        let expected = self.mac(&raw[..SIGNED_LEN], binding);
+        if !bool::from(expected[..RAW_LEN - SIGNED_LEN].ct_eq(&raw[SIGNED_LEN..RAW_LEN])) {
+            return Err(TokenError::BadSignature);
+        }
+        let expires = u64::from(u32::from_be_bytes([raw[1], raw[2], raw[3], raw[4]]));
+        let now = unix_seconds(now);
+        if now >= expires {
+            return Err(TokenError::Expired);
+        }
+        Ok(Duration::from_secs(expires - now))
+    }
+
+    fn mac(&self, signed: &[u8], binding: &[u8]) -> [u8; 32] {
+        // A 32-byte key is always a valid HMAC key.
+        let mut mac = <Hmac<Sha256>>::new_from_slice(self.key.as_bytes())
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        mac.update(signed);
+        mac.update(binding);
+        mac.finalize().into_bytes().into()
+    }
+}
+
+/// Parses the `X-aws-ec2-metadata-token-ttl-seconds` request header: digits only, 1 to 21600.
+pub fn parse_ttl(value: &[u8]) -> Option<u32> {
+    if value.is_empty() || value.len() > 5 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let ttl: u32 = std::str::from_utf8(value).ok()?.parse().ok()?;
+    (1..=MAX_TTL).contains(&ttl).then_some(ttl)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens() -> Tokens {
+        Tokens::new(TokenKey::from_bytes([7; 32]))
+    }
+
+    fn t0() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    #[test]
+    fn tokens_look_like_ec2_tokens() {
+        let t = tokens().issue(b"ip:10.0.0.1", 21_600, t0()).expect("rng");
+        assert_eq!(t.len(), TOKEN_LEN);
+        assert!(t.ends_with("=="));
+        assert!(
+            t[..54]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
+        assert_ne!(
+            t,
+            tokens().issue(b"ip:10.0.0.1", 21_600, t0()).expect("rng")
+        );
+    }
+
+    #[test]
+    fn a_token_is_valid_for_its_ttl_and_only_for_its_caller() {
+        let tk = tokens();
+        let t = tk.issue(b"ip:10.0.0.1", 60, t0()).expect("rng");
+        assert_eq!(
+            tk.verify(t.as_bytes(), b"ip:10.0.0.1", t0() + Duration::from_secs(1)),
+            Ok(Duration::from_secs(59))
+        );
+        assert_eq!(
+            tk.verify(t.as_bytes(), b"ip:10.0.0.2", t0()),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            tk.verify(t.as_bytes(), b"ip:10.0.0.1", t0() + Duration::from_secs(60)),
+            Err(TokenError::Expired)
+        );
+    }
+
+    #[test]
+    fn another_key_or_a_tampered_token_is_refused() {
+        let t = tokens().issue(b"b", 60, t0()).expect("rng");
+        let other = Tokens::new(TokenKey::from_bytes([8; 32]));
+        assert_eq!(
+            other.verify(t.as_bytes(), b"b", t0()),
+            Err(TokenError::BadSignature)
+        );
+
+        // Extending the expiry invalidates the signature.
+        let mut raw = URL_SAFE.decode(&t).expect("b64");
+        raw[4] ^= 0xff;
+        let forged = URL_SAFE.encode(raw);
+        assert_eq!(
+            tokens().verify(forged.as_bytes(), b"b", t0()),
+            Err(TokenError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        let tk = tokens();
+        for junk in [&b""[..], b"bogus", &[b'A'; 56], &[0xff; 56]] {
+            assert!(tk.verify(junk, b"b", t0()).is_err());
+        }
+    }
+
+    #[test]
+    fn ttl_header_accepts_exactly_1_to_21600() {
+        assert_eq!(parse_ttl(b"1"), Some(1));
+        assert_eq!(parse_ttl(b"21600"), Some(21600));
+        for bad in [
+            &b""[..],
+            b"0",
+            b"21601",
+            b"abc",
+            b"-5",
+            b" 5",
+            b"5 ",
+            b"+5",
+            b"1e3",
+            b"999999",
+        ] {
+            assert_eq!(parse_ttl(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The `imdsd` binary: reads the configuration, sets up logging, runs the daemon until SIGTERM or
+//! SIGINT, and maps the outcome to an exit code (0 clean, 64 configuration, 1 runtime failure).
+
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+
+use imdsd::app::{App, StartError};
+use imdsd::config::{self, LogFormat, Parsed};
+use tokio_util::sync::CancellationToken;
+
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let env = |k: &str| std::env::var(k).ok();
+    let config = match config::parse(std::env::args_os(), &env) {
+        Ok(Parsed::Run(config)) => *config,
+        Ok(Parsed::Info(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprint!("imdsd: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    init_logging(config.log_format, &config.log_filter);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("imdsd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let app = match App::build(config).await {
+            Ok(app) => app,
+            Err(StartError::Config(e)) => {
+                eprint!("imdsd: {e}");
+                return ExitCode::from(EX_USAGE);
+            }
+            Err(StartError::Runtime(e)) => {
+                eprintln!("imdsd: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        app.run(shutdown).await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop imdsd with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
