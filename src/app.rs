@@ -15,12 +15,12 @@ use crate::config::{Config, ConfigError, SourceConfig};
 use crate::credentials::CredentialSource;
 use crate::credentials::broker::{Broker, Lease};
 use crate::credentials::fake::FakeSource;
+use crate::credentials::sts::{StsOptions, StsSetupError, StsSource};
 use crate::identity::Identity;
 use crate::identity::role::AccountContext;
 use crate::imds::Imds;
 use crate::imds::token::Tokens;
 use crate::imds::tree::Tree;
-use crate::instance::partition_of;
 use crate::server::{self, ServerOptions};
 use crate::state::StateDir;
 
@@ -147,9 +147,8 @@ impl App {
     /// Serves until `shutdown` is cancelled, then drains requests in flight.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut tasks = tokio::task::JoinSet::new();
-        for listener in self.listeners {
-            let addr = listener.local_addr().ok();
-            tracing::info!(addr = ?addr, "serving instance metadata");
+        for (listener, addr) in self.listeners.into_iter().zip(self.local_addrs.iter()) {
+            tracing::info!(addr = %addr, "serving instance metadata");
             let imds = self.imds.clone();
             let handler = Arc::new(move |req, caller| {
                 let imds = imds.clone();
@@ -186,15 +185,50 @@ async fn build_source(
             };
             Ok((Arc::new(FakeSource::new(*lifetime, clock)), accounts))
         }
-        SourceConfig::Sts => {
-            let region = config
-                .region
-                .clone()
-                .unwrap_or_else(|| config.instance.region.clone());
-            let _ = partition_of(&region);
-            Err(StartError::config(
-                "no credential source: run with --fake-credentials (STS support is not built yet)",
-            ))
+        SourceConfig::Sts {
+            profile,
+            endpoint,
+            duration_seconds,
+            use_imds,
+        } => {
+            let options = StsOptions {
+                profile: profile.clone(),
+                region: config.region.clone(),
+                fallback_region: config.instance.region.clone(),
+                endpoint: endpoint.clone(),
+                duration_seconds: *duration_seconds,
+                use_imds: *use_imds,
+            };
+            // STS may be briefly unreachable while a host boots; an identity problem is final.
+            let mut attempt = 0;
+            let source = loop {
+                attempt += 1;
+                match StsSource::connect(&options).await {
+                    Ok(source) => break source,
+                    Err(StsSetupError::Identity(message)) => {
+                        return Err(StartError::config(message));
+                    }
+                    Err(StsSetupError::Unreachable(message)) if attempt >= 3 => {
+                        return Err(StartError::Runtime(anyhow::anyhow!(message)));
+                    }
+                    Err(StsSetupError::Unreachable(message)) => {
+                        tracing::warn!(attempt, error = %message, "STS unreachable; retrying");
+                        tokio::time::sleep(std::time::Duration::from_secs(attempt)).await;
+                    }
+                }
+            };
+            let identity = source.identity();
+            let accounts = AccountContext {
+                default_account: Some(
+                    config
+                        .default_account_id
+                        .clone()
+                        .unwrap_or_else(|| identity.account.clone()),
+                ),
+                partition: identity.partition.clone(),
+                aliases: config.account_map.clone(),
+            };
+            Ok((Arc::new(source), accounts))
         }
     }
 }

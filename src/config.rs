@@ -108,6 +108,27 @@ pub struct Cli {
     #[arg(long, env = "AWS_REGION", value_name = "REGION")]
     pub region: Option<String>,
 
+    /// Shared-config profile of the daemon's own AWS identity (SSO, credential_process and
+    /// source_profile chains work).
+    #[arg(long, env = "AWS_PROFILE", value_name = "NAME")]
+    pub profile: Option<String>,
+
+    /// STS endpoint URL, e.g. a LocalStack or moto server. AWS_ENDPOINT_URL is honoured too.
+    /// [default: the regional endpoint]
+    #[arg(long, env = "AWS_ENDPOINT_URL_STS", value_name = "URL")]
+    pub sts_endpoint: Option<String>,
+
+    /// DurationSeconds of the sessions imdsd creates (900 to 43200; role chains are capped at 3600).
+    /// [default: 3600]
+    #[arg(long, env = "IMDSD_ROLE_DURATION", value_name = "SECONDS")]
+    pub role_duration: Option<String>,
+
+    /// Let the daemon's own identity come from the instance metadata service (an EC2 instance
+    /// profile). Off by default: the daemon usually is the metadata service on its host.
+    #[arg(long, env = "IMDSD_SOURCE_IMDS", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true")]
+    pub source_imds: Option<String>,
+
     /// Directory for state that must survive restarts (the IMDSv2 token key).
     /// [default: $STATE_DIRECTORY, /var/lib/imdsd, or ~/.local/state/imdsd]
     #[arg(long, env = "IMDSD_STATE_DIR", value_name = "PATH")]
@@ -153,6 +174,10 @@ pub struct FileConfig {
     pub session_name: Option<String>,
     pub refresh_threshold: Option<u64>,
     pub region: Option<String>,
+    pub profile: Option<String>,
+    pub sts_endpoint: Option<String>,
+    pub role_duration: Option<u32>,
+    pub source_imds: Option<bool>,
     pub state_dir: Option<PathBuf>,
     pub log_format: Option<String>,
     pub log_level: Option<String>,
@@ -176,7 +201,12 @@ pub enum SourceConfig {
     /// Offline, locally minted credentials.
     Fake { lifetime: Duration },
     /// STS, from the operator's own AWS identity.
-    Sts,
+    Sts {
+        profile: Option<String>,
+        endpoint: Option<String>,
+        duration_seconds: u32,
+        use_imds: bool,
+    },
 }
 
 /// The validated configuration.
@@ -380,6 +410,9 @@ fn flag_to_key(flag: &'static str) -> &'static str {
         "keep-alive" => "keep_alive",
         "strict-expect" => "strict_expect",
         "forwarded-for" => "forwarded_for",
+        "sts-endpoint" => "sts_endpoint",
+        "role-duration" => "role_duration",
+        "source-imds" => "source_imds",
         other => other,
     }
 }
@@ -601,6 +634,62 @@ fn resolve(
         None => DEFAULT_LIFETIME,
     };
 
+    let source_imds = r.boolean(
+        "source_imds",
+        "source-imds",
+        "IMDSD_SOURCE_IMDS",
+        &cli.source_imds,
+        file.source_imds,
+    );
+    let profile = r
+        .pick(
+            "profile",
+            "profile",
+            "AWS_PROFILE",
+            cli.profile.clone(),
+            file.profile.clone(),
+        )
+        .map(|(p, _)| p)
+        .filter(|p| !p.trim().is_empty());
+    let sts_endpoint = match r.pick(
+        "sts_endpoint",
+        "sts-endpoint",
+        "AWS_ENDPOINT_URL_STS",
+        cli.sts_endpoint.clone(),
+        file.sts_endpoint.clone(),
+    ) {
+        Some((url, origin)) => match url.parse::<http::Uri>() {
+            Ok(u) if u.scheme().is_some() && u.host().is_some() => Some(url),
+            _ => {
+                r.problem(
+                    &origin,
+                    format!("{url:?} is not a URL such as \"http://127.0.0.1:5000\""),
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    let role_duration = match r.pick(
+        "role_duration",
+        "role-duration",
+        "IMDSD_ROLE_DURATION",
+        cli.role_duration.clone(),
+        file.role_duration.map(|d| d.to_string()),
+    ) {
+        Some((s, origin)) => match s.trim().parse::<u32>() {
+            Ok(d) if (900..=43_200).contains(&d) => d,
+            _ => {
+                r.problem(
+                    &origin,
+                    format!("{s:?} must be a number of seconds from 900 to 43200 (STS's limits)"),
+                );
+                crate::credentials::sts::ONE_HOUR
+            }
+        },
+        None => crate::credentials::sts::ONE_HOUR,
+    };
+
     let mut broker = BrokerConfig::default();
     if let Some((s, origin)) = r.pick(
         "refresh_threshold",
@@ -817,7 +906,12 @@ fn resolve(
             lifetime: fake_lifetime,
         }
     } else {
-        SourceConfig::Sts
+        SourceConfig::Sts {
+            profile,
+            endpoint: sts_endpoint,
+            duration_seconds: role_duration,
+            use_imds: source_imds,
+        }
     };
     Ok(Config {
         config_file: cli.config.clone(),
@@ -887,7 +981,14 @@ mod tests {
         assert_eq!(c.imds.http_tokens, HttpTokens::Optional);
         assert!(c.imds.endpoint_enabled && c.imds.reject_forwarded && !c.imds.strict_expect);
         assert_eq!(c.imds.connection, Connection::Close);
-        assert_eq!(c.source, SourceConfig::Sts);
+        assert!(matches!(
+            c.source,
+            SourceConfig::Sts {
+                duration_seconds: 3600,
+                use_imds: false,
+                ..
+            }
+        ));
         assert_eq!(c.broker.min_remaining, Duration::from_secs(30 * 60));
         assert!(c.identity.default_role.is_none());
     }
@@ -946,7 +1047,7 @@ mod tests {
         ])
         .expect("valid");
         assert_eq!(c.imds.http_tokens, HttpTokens::Optional);
-        assert_eq!(c.source, SourceConfig::Sts);
+        assert!(matches!(c.source, SourceConfig::Sts { .. }));
     }
 
     #[test]

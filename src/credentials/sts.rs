@@ -1,0 +1,379 @@
+//! The STS credential source: `sts:AssumeRole` from the operator's own AWS identity, through the
+//! official Rust SDK. The only module that uses `aws-config` and `aws-sdk-sts`.
+//!
+//! The operator's identity comes from the SDK's usual sources, in the usual order: environment
+//! keys, the shared config and credentials files (profiles, `source_profile` chains, SSO,
+//! `credential_process`, web identity in a profile), a web identity token from the environment, the
+//! container credentials endpoint, and, only when asked (`--source-imds`), the instance metadata
+//! service. The last is off by default because the daemon usually *is* the metadata service on its
+//! host, and asking itself would go round in circles.
+//!
+//! Errors are classified for the broker: a refusal that retrying will not fix (AccessDenied, a role
+//! that does not exist, a bad external id or policy) is [`SourceError::Denied`]; throttling, 5xx,
+//! timeouts and unreachable endpoints are [`SourceError::Unavailable`].
+
+use std::time::{Duration, SystemTime};
+
+use aws_config::BehaviorVersion;
+use aws_config::ecs::EcsCredentialsProvider;
+use aws_config::environment::credentials::EnvironmentVariableCredentialsProvider;
+use aws_config::imds::credentials::ImdsCredentialsProvider;
+use aws_config::meta::credentials::CredentialsProviderChain;
+use aws_config::profile::{ProfileFileCredentialsProvider, ProfileFileRegionProvider};
+use aws_config::provider_config::ProviderConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_credential_types::provider::{ProvideCredentials as _, error::CredentialsError};
+use aws_sdk_sts::config::Region;
+use aws_sdk_sts::error::{DisplayErrorContext, ProvideErrorMetadata as _, SdkError};
+use aws_sdk_sts::types::{PolicyDescriptorType, Tag};
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+
+use super::{AssumeRequest, CredentialSource, Credentials, Secret, SourceError};
+
+/// STS's default session length, and the cap for role-chained sessions.
+pub const ONE_HOUR: u32 = 3600;
+
+/// How to reach STS and as whom.
+#[derive(Debug, Clone, Default)]
+pub struct StsOptions {
+    /// `--profile` / `AWS_PROFILE`: the shared-config profile of the daemon's own identity.
+    pub profile: Option<String>,
+    /// The region of the STS endpoint (regional endpoints are used).
+    pub region: Option<String>,
+    /// Region to use when neither `region` nor the profile names one.
+    pub fallback_region: String,
+    /// `AWS_ENDPOINT_URL_STS`-style override, e.g. a LocalStack or moto server.
+    pub endpoint: Option<String>,
+    /// `DurationSeconds` for sessions that do not ask for their own.
+    pub duration_seconds: u32,
+    /// Include the instance metadata service in the daemon's own credential chain.
+    pub use_imds: bool,
+}
+
+/// Who the daemon is, according to `sts:GetCallerIdentity`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceIdentity {
+    pub account: String,
+    pub arn: String,
+    pub partition: String,
+    /// The daemon's own credentials are a role session, so sessions it creates are role chains
+    /// (limited to one hour).
+    pub is_role_session: bool,
+}
+
+/// Why the daemon cannot use STS; the message says what was tried and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum StsSetupError {
+    /// The operator must fix their identity or configuration.
+    #[error("{0}")]
+    Identity(String),
+    /// STS could not be reached; worth retrying later.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+/// Assumes roles with STS.
+#[derive(Debug)]
+pub struct StsSource {
+    client: aws_sdk_sts::Client,
+    identity: SourceIdentity,
+    duration_seconds: u32,
+}
+
+impl StsSource {
+    /// Resolves the daemon's own identity and checks it with `GetCallerIdentity`.
+    pub async fn connect(options: &StsOptions) -> Result<Self, StsSetupError> {
+        let region = match &options.region {
+            Some(r) => r.clone(),
+            None => {
+                let mut profile_region = ProfileFileRegionProvider::builder();
+                if let Some(p) = &options.profile {
+                    profile_region = profile_region.profile_name(p);
+                }
+                match aws_config::meta::region::ProvideRegion::region(&profile_region.build()).await
+                {
+                    Some(r) => r.to_string(),
+                    None => options.fallback_region.clone(),
+                }
+            }
+        };
+        let region = Region::new(region);
+        let conf = ProviderConfig::default().with_region(Some(region.clone()));
+
+        let mut profile = ProfileFileCredentialsProvider::builder().configure(&conf);
+        if let Some(p) = &options.profile {
+            profile = profile.profile_name(p);
+        }
+        let mut chain = CredentialsProviderChain::first_try(
+            "Environment",
+            EnvironmentVariableCredentialsProvider::new(),
+        )
+        .or_else("Profile", profile.build())
+        .or_else(
+            "WebIdentityToken",
+            aws_config::web_identity_token::WebIdentityTokenCredentialsProvider::builder()
+                .configure(&conf)
+                .build(),
+        )
+        .or_else(
+            "EcsContainer",
+            EcsCredentialsProvider::builder().configure(&conf).build(),
+        );
+        if options.use_imds {
+            chain = chain.or_else(
+                "Ec2InstanceMetadata",
+                ImdsCredentialsProvider::builder().configure(&conf).build(),
+            );
+        }
+
+        // Ask the chain directly first: its error says which source failed and why, which a
+        // failed STS call would bury.
+        if let Err(e) = chain.provide_credentials().await {
+            return Err(StsSetupError::Identity(describe_missing_identity(
+                &e, options,
+            )));
+        }
+
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(region.clone())
+            .credentials_provider(chain)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(3))
+                    .operation_attempt_timeout(Duration::from_secs(5))
+                    .operation_timeout(Duration::from_secs(15))
+                    .build(),
+            );
+        if let Some(p) = &options.profile {
+            loader = loader.profile_name(p);
+        }
+        if let Some(endpoint) = &options.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        let sdk_config = loader.load().await;
+        let client = aws_sdk_sts::Client::new(&sdk_config);
+
+        let identity = client.get_caller_identity().send().await.map_err(|e| {
+            let detail = DisplayErrorContext(&e).to_string();
+            match &e {
+                SdkError::ServiceError(se) => StsSetupError::Identity(format!(
+                    "STS refused the daemon's own credentials ({}: {}); refresh them (e.g. `aws sso \
+                     login{}`) or choose another profile with --profile",
+                    se.err().code().unwrap_or("error"),
+                    se.err().message().unwrap_or(&detail),
+                    options.profile.as_ref().map(|p| format!(" --profile {p}")).unwrap_or_default(),
+                )),
+                _ => StsSetupError::Unreachable(format!(
+                    "cannot reach STS in {region}{}: {detail}",
+                    options
+                        .endpoint
+                        .as_ref()
+                        .map(|e| format!(" at {e}"))
+                        .unwrap_or_default()
+                )),
+            }
+        })?;
+        let arn = identity.arn().unwrap_or_default().to_string();
+        let account = identity.account().unwrap_or_default().to_string();
+        let partition = arn.split(':').nth(1).unwrap_or("aws").to_string();
+        let is_role_session = arn.contains(":assumed-role/");
+        let duration_seconds = if is_role_session && options.duration_seconds > ONE_HOUR {
+            tracing::warn!(
+                requested = options.duration_seconds,
+                "the daemon's own identity is a role session, so the roles it assumes are role \
+                 chains, which STS limits to one hour; using 3600 seconds"
+            );
+            ONE_HOUR
+        } else {
+            options.duration_seconds
+        };
+        tracing::info!(identity = %arn, account = %account, region = %region, "source identity verified");
+        Ok(Self {
+            client,
+            identity: SourceIdentity {
+                account,
+                arn,
+                partition,
+                is_role_session,
+            },
+            duration_seconds,
+        })
+    }
+
+    pub fn identity(&self) -> &SourceIdentity {
+        &self.identity
+    }
+}
+
+impl CredentialSource for StsSource {
+    fn assume<'a>(
+        &'a self,
+        request: &'a AssumeRequest,
+    ) -> BoxFuture<'a, Result<Credentials, SourceError>> {
+        async move {
+            let mut duration = request.duration_seconds.unwrap_or(self.duration_seconds);
+            if self.identity.is_role_session {
+                duration = duration.min(ONE_HOUR);
+            }
+            let mut call = self
+                .client
+                .assume_role()
+                .role_arn(request.role_arn.as_str())
+                .role_session_name(&request.session_name)
+                .duration_seconds(i32::try_from(duration).unwrap_or(i32::MAX))
+                .set_external_id(request.external_id.clone())
+                .set_policy(request.policy.clone())
+                .set_source_identity(request.source_identity.clone());
+            for arn in &request.policy_arns {
+                call = call.policy_arns(PolicyDescriptorType::builder().arn(arn).build());
+            }
+            for (key, value) in &request.tags {
+                let tag = Tag::builder().key(key).value(value).build().map_err(|e| {
+                    SourceError::Denied {
+                        code: "InvalidParameterValue".into(),
+                        message: format!("session tag {key:?}: {e}"),
+                    }
+                })?;
+                call = call.tags(tag);
+            }
+            for key in &request.transitive_tag_keys {
+                call = call.transitive_tag_keys(key);
+            }
+            let output = call.send().await.map_err(|e| classify(&e, request))?;
+            let creds = output.credentials().ok_or_else(|| {
+                SourceError::Unavailable(format!(
+                    "STS returned no credentials for {}",
+                    request.role_arn
+                ))
+            })?;
+            let expiration = SystemTime::try_from(*creds.expiration()).map_err(|e| {
+                SourceError::Unavailable(format!("STS returned an unusable expiration: {e}"))
+            })?;
+            Ok(Credentials {
+                access_key_id: creds.access_key_id().to_string(),
+                secret_access_key: Secret::new(creds.secret_access_key()),
+                session_token: Secret::new(creds.session_token()),
+                expiration,
+                assumed_role_arn: output.assumed_role_user().map(|u| u.arn().to_string()),
+            })
+        }
+        .boxed()
+    }
+
+    fn default_duration(&self) -> Duration {
+        Duration::from_secs(u64::from(self.duration_seconds))
+    }
+
+    fn kind(&self) -> &'static str {
+        "sts"
+    }
+}
+
+/// Splits STS failures into "retry later" and "this will not work".
+fn classify<E, R>(error: &SdkError<E, R>, request: &AssumeRequest) -> SourceError
+where
+    E: aws_sdk_sts::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let role = &request.role_arn;
+    match error {
+        SdkError::ServiceError(se) => {
+            let code = se.err().code().unwrap_or("Unknown");
+            let message = se.err().message().unwrap_or("no message");
+            if is_transient(code) {
+                SourceError::Unavailable(format!("STS answered {code} for {role}: {message}"))
+            } else {
+                SourceError::Denied {
+                    // EC2 reports a role it may not assume with this code; SDKs print it.
+                    code: if code == "AccessDenied" {
+                        "AssumeRoleUnauthorizedAccess".into()
+                    } else {
+                        code.to_string()
+                    },
+                    message: format!(
+                        "cannot assume {role} (session {}): {code}: {message}",
+                        request.session_name
+                    ),
+                }
+            }
+        }
+        SdkError::TimeoutError(_) => {
+            SourceError::Unavailable(format!("STS timed out assuming {role}"))
+        }
+        other => SourceError::Unavailable(format!(
+            "cannot assume {role}: {}",
+            DisplayErrorContext(other)
+        )),
+    }
+}
+
+fn is_transient(code: &str) -> bool {
+    matches!(
+        code,
+        "Throttling"
+            | "ThrottlingException"
+            | "RequestLimitExceeded"
+            | "TooManyRequestsException"
+            | "ServiceUnavailable"
+            | "ServiceUnavailableException"
+            | "InternalFailure"
+            | "InternalError"
+            | "InternalServerError"
+            | "IDPCommunicationError"
+            | "RequestTimeout"
+            | "RequestTimeoutException"
+    )
+}
+
+fn describe_missing_identity(error: &CredentialsError, options: &StsOptions) -> String {
+    let profile = options
+        .profile
+        .clone()
+        .or_else(|| std::env::var("AWS_PROFILE").ok())
+        .unwrap_or_else(|| "default".into());
+    let mut tried = vec![
+        "environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)".to_string(),
+        format!(
+            "profile {profile:?} in the shared config and credentials files (~/.aws/config, ~/.aws/credentials)"
+        ),
+        "a web identity token (AWS_WEB_IDENTITY_TOKEN_FILE, AWS_ROLE_ARN)".to_string(),
+        "the container credentials endpoint (AWS_CONTAINER_CREDENTIALS_*)".to_string(),
+    ];
+    if options.use_imds {
+        tried.push("the instance metadata service".into());
+    }
+    format!(
+        "no usable AWS identity for the daemon to assume roles with ({}). Tried: {}. Fix: run `aws \
+         configure --profile NAME` (or `aws sso login --profile NAME`) and start imdsd with --profile \
+         NAME; on EC2 add --source-imds to use the instance profile; or run with --fake-credentials \
+         to serve offline credentials",
+        DisplayErrorContext(error),
+        tried.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttling_and_outages_are_transient_refusals_are_not() {
+        for code in [
+            "Throttling",
+            "ServiceUnavailable",
+            "InternalFailure",
+            "IDPCommunicationError",
+        ] {
+            assert!(is_transient(code), "{code}");
+        }
+        for code in [
+            "AccessDenied",
+            "MalformedPolicyDocument",
+            "ValidationError",
+            "RegionDisabledException",
+        ] {
+            assert!(!is_transient(code), "{code}");
+        }
+    }
+}

@@ -1,0 +1,462 @@
+//! Real role credentials through STS (issue 3): the daemon as a real process, assuming roles with
+//! the official Rust SDK against moto's STS server (the real wire protocol) and, for failures moto
+//! cannot produce on demand, a scripted STS speaking the same XML. Clients are the AWS CLI, boto3 and
+//! raw sockets.
+
+mod common;
+#[path = "support/sts.rs"]
+mod sts_support;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{Process, raw, run_python};
+use sts_support::{Behaviour, Moto, ScriptedSts, get_from};
+
+const OPERATOR_ENV: &[(&str, &str)] = &[
+    ("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE"),
+    (
+        "AWS_SECRET_ACCESS_KEY",
+        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    ),
+    ("AWS_REGION", "us-east-1"),
+];
+
+/// Starts the daemon against `sts` with the operator's static keys.
+fn daemon(sts: &str, args: &[&str]) -> (Process, tempfile::TempDir) {
+    let state = tempfile::tempdir().expect("tempdir");
+    let state_path = state.path().to_str().expect("utf8").to_string();
+    let mut all = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        &state_path,
+        "--sts-endpoint",
+        sts,
+    ];
+    all.extend_from_slice(args);
+    let p = Process::spawn(&all, OPERATOR_ENV);
+    (p, state)
+}
+
+fn mapping_file(json: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().expect("tempfile");
+    std::io::Write::write_all(&mut f, json.as_bytes()).expect("write");
+    f
+}
+
+fn credentials_path(role: &str) -> String {
+    format!("/latest/meta-data/iam/security-credentials/{role}")
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[test]
+fn the_cli_sees_the_mapped_role_and_session_through_moto() {
+    let moto = Moto::start();
+    let mapping = mapping_file(
+        r#"{"127.0.0.1": {"role": "arn:aws:iam::123456789012:role/web-app", "session_name": "web-session"}}"#,
+    );
+    let (d, _state) = daemon(
+        &moto.url,
+        &[
+            "--role-mapping-file",
+            mapping.path().to_str().expect("utf8"),
+        ],
+    );
+    let addr = d.addr();
+
+    // The unmodified AWS CLI: credentials from the daemon, identity from moto's STS.
+    let output = common::aws_clean_command(&common::python().with_file_name("aws"))
+        .args(["sts", "get-caller-identity", "--output", "json"])
+        .env(
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+            format!("http://{addr}/"),
+        )
+        .env("AWS_ENDPOINT_URL_STS", &moto.url)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .output()
+        .expect("run the AWS CLI");
+    assert!(
+        output.status.success(),
+        "aws sts get-caller-identity failed: {}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        d.log_text()
+    );
+    let identity = json(&String::from_utf8_lossy(&output.stdout));
+    assert_eq!(
+        identity["Arn"],
+        "arn:aws:sts::123456789012:assumed-role/web-app/web-session"
+    );
+    assert_eq!(identity["Account"], "123456789012");
+}
+
+#[test]
+fn boto3_gets_the_default_role_by_name_through_moto() {
+    let moto = Moto::start();
+    // A bare name resolves in the account of the daemon's own identity (moto's 123456789012).
+    let (d, _state) = daemon(&moto.url, &["reports", "--session-name", "box-{ip}"]);
+    let addr = d.addr();
+    let out = run_python(
+        r#"
+import boto3, json, os
+s = boto3.Session()
+c = s.get_credentials()
+sts = s.client("sts", endpoint_url=os.environ["STS_URL"], region_name="us-east-1")
+print(json.dumps({"method": c.method, "arn": sts.get_caller_identity()["Arn"]}))
+"#,
+        &[
+            (
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+                &format!("http://{addr}/"),
+            ),
+            ("STS_URL", &moto.url),
+        ],
+    );
+    let v = json(&out);
+    assert_eq!(v["method"], "iam-role");
+    assert_eq!(
+        v["arn"],
+        "arn:aws:sts::123456789012:assumed-role/reports/box-127.0.0.1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn served_credentials_carry_stss_own_expiration_and_every_assume_role_input() {
+    let sts = ScriptedSts::start().await;
+    sts.set_lifetime(Duration::from_secs(2 * 3600));
+    let mapping = mapping_file(
+        r#"{"127.0.0.1": {"role": "app@210987654321", "external_id": "ext-123", "session_name": "ci-job-42"}}"#,
+    );
+    let (d, _state) = daemon(
+        &sts.url,
+        &[
+            "--role-mapping-file",
+            mapping.path().to_str().expect("utf8"),
+            "--role-duration",
+            "7200",
+        ],
+    );
+    let addr = d.addr();
+    let r = tokio::task::spawn_blocking(move || raw(addr, "GET", &credentials_path("app"), &[]))
+        .await
+        .expect("join");
+    assert_eq!(r.status, 200, "{}", d.log_text());
+    let doc = json(&r.text());
+    assert_eq!(doc["Code"], "Success");
+    assert!(
+        doc["AccessKeyId"]
+            .as_str()
+            .expect("key")
+            .starts_with("ASIASCRIPTED")
+    );
+
+    let expiration =
+        humantime::parse_rfc3339(doc["Expiration"].as_str().expect("exp")).expect("time");
+    let left = expiration
+        .duration_since(SystemTime::now())
+        .expect("future");
+    assert!(
+        left > Duration::from_secs(7100) && left <= Duration::from_secs(7200),
+        "{left:?}"
+    );
+
+    let calls = sts.assume_requests();
+    assert_eq!(calls.len(), 1);
+    let call = &calls[0];
+    assert_eq!(call["RoleArn"], "arn:aws:iam::210987654321:role/app");
+    assert_eq!(call["RoleSessionName"], "ci-job-42");
+    assert_eq!(call["ExternalId"], "ext-123");
+    assert_eq!(call["DurationSeconds"], "7200");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_chained_source_asks_for_at_most_one_hour() {
+    let sts = ScriptedSts::start().await;
+    sts.set_caller_arn("arn:aws:sts::123456789012:assumed-role/admin/operator-session");
+    let (d, _state) = daemon(&sts.url, &["--role-duration", "7200", "app"]);
+    let addr = d.addr();
+    let r = tokio::task::spawn_blocking(move || raw(addr, "GET", &credentials_path("app"), &[]))
+        .await
+        .expect("join");
+    assert_eq!(r.status, 200, "{}", d.log_text());
+    assert_eq!(sts.assume_requests()[0]["DurationSeconds"], "3600");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_callers_with_one_role_but_different_external_ids_get_different_sessions() {
+    let sts = ScriptedSts::start().await;
+    let mapping = mapping_file(
+        r#"{
+            "127.0.0.2": {"role": "shared", "external_id": "tenant-a", "session_name": "same"},
+            "127.0.0.3": {"role": "shared", "external_id": "tenant-b", "session_name": "same"}
+        }"#,
+    );
+    let (d, _state) = daemon(
+        &sts.url,
+        &[
+            "--role-mapping-file",
+            mapping.path().to_str().expect("utf8"),
+        ],
+    );
+    let addr = d.addr();
+    let a = get_from(
+        "127.0.0.2".parse().expect("ip"),
+        addr,
+        &credentials_path("shared"),
+    )
+    .await;
+    let b = get_from(
+        "127.0.0.3".parse().expect("ip"),
+        addr,
+        &credentials_path("shared"),
+    )
+    .await;
+    assert_eq!((a.0, b.0), (200, 200), "{}", d.log_text());
+    assert_ne!(json(&a.1)["AccessKeyId"], json(&b.1)["AccessKeyId"]);
+    let mut ids: Vec<String> = sts
+        .assume_requests()
+        .iter()
+        .map(|r| r.get("ExternalId").cloned().unwrap_or_default())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["tenant-a", "tenant-b"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_concurrent_cold_requests_make_exactly_one_assume_role_call() {
+    let sts = ScriptedSts::start().await;
+    // A slow STS widens the window in which requests pile up behind the first.
+    sts.set_delay(Duration::from_millis(300));
+    let (d, _state) = daemon(&sts.url, &["app"]);
+    let addr = d.addr();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            tokio::spawn(get_from(
+                "127.0.0.1".parse().expect("ip"),
+                addr,
+                "/latest/meta-data/iam/security-credentials/app",
+            ))
+        })
+        .collect();
+    let mut keys = std::collections::HashSet::new();
+    for t in tasks {
+        let (status, body) = t.await.expect("join");
+        assert_eq!(status, 200, "{body}");
+        keys.insert(
+            json(&body)["AccessKeyId"]
+                .as_str()
+                .expect("key")
+                .to_string(),
+        );
+    }
+    assert_eq!(keys.len(), 1, "every caller got the same session");
+    assert_eq!(sts.assume_calls(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_denied_is_ec2s_200_with_a_code_and_boto3_reports_no_credentials() {
+    let sts = ScriptedSts::start().await;
+    sts.set(Some("role/forbidden"), Behaviour::Deny);
+    let (d, _state) = daemon(&sts.url, &["forbidden"]);
+    let addr = d.addr();
+    let r =
+        tokio::task::spawn_blocking(move || raw(addr, "GET", &credentials_path("forbidden"), &[]))
+            .await
+            .expect("join");
+    assert_eq!(r.status, 200);
+    let body = r.text();
+    assert!(
+        body.starts_with("{\n  \"Code\" : \"AssumeRoleUnauthorizedAccess\",\n"),
+        "{body}"
+    );
+    let doc = json(&body);
+    let message = doc["Message"].as_str().expect("message");
+    assert!(
+        message.contains("arn:aws:iam::123456789012:role/forbidden"),
+        "{message}"
+    );
+    assert!(message.contains("AccessDenied"), "{message}");
+    assert!(doc.get("AccessKeyId").is_none());
+    assert!(doc["LastUpdated"].as_str().expect("time").ends_with('Z'));
+
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        run_python(
+            "import boto3; print(boto3.Session().get_credentials() is None)",
+            &[(
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+                &format!("http://{addr}/"),
+            )],
+        )
+    })
+    .await
+    .expect("join");
+    assert_eq!(out.trim(), "True");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "boto3 took {:?}",
+        started.elapsed()
+    );
+    // The refusal is remembered, so boto3's attempts did not each call STS.
+    assert!(sts.assume_calls() <= 2, "{} calls", sts.assume_calls());
+    assert!(d.log_text().contains("could not obtain role credentials"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_sts_outage_keeps_serving_last_good_credentials_and_recovers() {
+    let sts = ScriptedSts::start().await;
+    // A CIDR entry: unlike exact addresses, it cannot be prefetched at startup.
+    let mapping = mapping_file(r#"{"127.0.0.4/30": "cold"}"#);
+    let (d, _state) = daemon(
+        &sts.url,
+        &[
+            "--role-mapping-file",
+            mapping.path().to_str().expect("utf8"),
+            "warm",
+        ],
+    );
+    let addr = d.addr();
+    let local: IpAddr = "127.0.0.1".parse().expect("ip");
+    let (status, before) = get_from(local, addr, &credentials_path("warm")).await;
+    assert_eq!(status, 200);
+
+    sts.set(None, Behaviour::Fail);
+    let (status, during) = get_from(local, addr, &credentials_path("warm")).await;
+    assert_eq!(status, 200, "last good credentials are served");
+    assert_eq!(json(&during)["AccessKeyId"], json(&before)["AccessKeyId"]);
+
+    // A role with nothing cached gets a retryable 5xx, not a hang and not a 200 error document.
+    let cold: IpAddr = "127.0.0.5".parse().expect("ip");
+    let started = Instant::now();
+    let (status, _) = get_from(cold, addr, &credentials_path("cold")).await;
+    assert_eq!(status, 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+
+    sts.set(None, Behaviour::Grant);
+    // Transient errors are remembered for a few seconds so that clients cannot hammer STS.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (status, body) = get_from(cold, addr, &credentials_path("cold")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["Code"], "Success");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttling_is_retried_not_reported_as_a_refusal() {
+    let sts = ScriptedSts::start().await;
+    sts.set(None, Behaviour::Throttle);
+    let (d, _state) = daemon(&sts.url, &["busy"]);
+    let addr = d.addr();
+    let (status, _) = get_from(
+        "127.0.0.1".parse().expect("ip"),
+        addr,
+        &credentials_path("busy"),
+    )
+    .await;
+    assert_eq!(status, 503);
+    // The SDK itself retried the throttled call before giving up.
+    assert!(sts.assume_calls() >= 2, "{} calls", sts.assume_calls());
+}
+
+#[test]
+fn without_an_identity_startup_fails_naming_what_was_tried() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let (code, stderr) = common::run_to_exit(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            home.path().to_str().expect("utf8"),
+            "app",
+        ],
+        &[("HOME", home.path().to_str().expect("utf8"))],
+    );
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("Tried:"), "{stderr}");
+    assert!(stderr.contains("AWS_ACCESS_KEY_ID"), "{stderr}");
+    assert!(stderr.contains("--profile"), "{stderr}");
+    assert!(stderr.contains("--fake-credentials"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_profile_with_static_keys_is_a_usable_identity() {
+    let sts = ScriptedSts::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let credentials = dir.path().join("credentials");
+    std::fs::write(
+        &credentials,
+        "[dev]\naws_access_key_id = AKIAIOSFODNN7EXAMPLE\naws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n",
+    )
+    .expect("write");
+    let state = dir.path().join("state");
+    let p = Process::spawn(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            state.to_str().expect("utf8"),
+            "--sts-endpoint",
+            &sts.url,
+            "--profile",
+            "dev",
+            "--region",
+            "eu-west-1",
+            "arn:aws:iam::123456789012:role/x",
+        ],
+        &[(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            credentials.to_str().expect("utf8"),
+        )],
+    );
+    let addr = p.addr();
+    let (status, body) = get_from(
+        "127.0.0.1".parse().expect("ip"),
+        addr,
+        &credentials_path("x"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}\n{}", p.log_text());
+    assert!(
+        p.log_text()
+            .contains("arn:aws:iam::123456789012:user/operator")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exact_address_mappings_are_fetched_before_the_first_request() {
+    let sts = ScriptedSts::start().await;
+    let mapping = mapping_file(r#"{"127.0.0.6": "early"}"#);
+    let (d, _state) = daemon(
+        &sts.url,
+        &[
+            "--role-mapping-file",
+            mapping.path().to_str().expect("utf8"),
+        ],
+    );
+    let addr = d.addr();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sts.assume_calls() == 0 {
+        assert!(Instant::now() < deadline, "nothing was prefetched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _) = get_from(
+        "127.0.0.6".parse().expect("ip"),
+        addr,
+        &credentials_path("early"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(sts.assume_calls(), 1, "the first request was a cache hit");
+}

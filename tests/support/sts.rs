@@ -1,0 +1,340 @@
+//! STS for the tests: moto's server (the real STS wire protocol, from the test venv) and a small
+//! scripted STS that speaks the same Query/XML protocol for what moto cannot do on demand:
+//! AccessDenied, throttling, 500s, slow answers, chosen expiries, and counting calls.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_util::sync::CancellationToken;
+
+/// moto's server on a free loopback port, stopped when dropped.
+pub struct Moto {
+    pub url: String,
+    child: Child,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let python = super::common::python();
+        let port = free_port();
+        let child = Command::new(&python)
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto's server from the test venv");
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto's server did not start on {url}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto { url, child }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// What the scripted STS does with an AssumeRole call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Credentials valid for the scripted lifetime.
+    Grant,
+    /// 403 AccessDenied.
+    Deny,
+    /// 400 Throttling.
+    Throttle,
+    /// 500 InternalFailure.
+    Fail,
+}
+
+#[derive(Debug)]
+struct Script {
+    default: Behaviour,
+    per_role: HashMap<String, Behaviour>,
+    lifetime: Duration,
+    delay: Duration,
+    caller_arn: String,
+    requests: Vec<HashMap<String, String>>,
+}
+
+/// A scripted STS endpoint on 127.0.0.1.
+pub struct ScriptedSts {
+    pub url: String,
+    script: Arc<Mutex<Script>>,
+    assume_calls: Arc<AtomicUsize>,
+    shutdown: CancellationToken,
+}
+
+impl ScriptedSts {
+    pub async fn start() -> ScriptedSts {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let script = Arc::new(Mutex::new(Script {
+            default: Behaviour::Grant,
+            per_role: HashMap::new(),
+            lifetime: Duration::from_secs(3600),
+            delay: Duration::ZERO,
+            caller_arn: "arn:aws:iam::123456789012:user/operator".into(),
+            requests: Vec::new(),
+        }));
+        let assume_calls = Arc::new(AtomicUsize::new(0));
+        let shutdown = CancellationToken::new();
+        let (s, c) = (script.clone(), assume_calls.clone());
+        let handler = Arc::new(move |req: Request<Incoming>, _caller: IpAddr| {
+            let (s, c) = (s.clone(), c.clone());
+            async move { answer(req, s, c).await }
+        });
+        tokio::spawn(imdsd::server::serve(
+            listener,
+            handler,
+            imdsd::server::ServerOptions {
+                keep_alive: true,
+                ..Default::default()
+            },
+            shutdown.clone(),
+        ));
+        ScriptedSts {
+            url,
+            script,
+            assume_calls,
+            shutdown,
+        }
+    }
+
+    /// What AssumeRole does for role ARNs ending in `role_suffix` (or every role, with `None`).
+    pub fn set(&self, role_suffix: Option<&str>, behaviour: Behaviour) {
+        let mut s = self.script.lock().expect("lock");
+        match role_suffix {
+            Some(r) => {
+                s.per_role.insert(r.to_string(), behaviour);
+            }
+            None => s.default = behaviour,
+        }
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.script.lock().expect("lock").delay = delay;
+    }
+
+    pub fn set_lifetime(&self, lifetime: Duration) {
+        self.script.lock().expect("lock").lifetime = lifetime;
+    }
+
+    /// Makes GetCallerIdentity report a role session, so assumed roles are role chains.
+    pub fn set_caller_arn(&self, arn: &str) {
+        self.script.lock().expect("lock").caller_arn = arn.to_string();
+    }
+
+    pub fn assume_calls(&self) -> usize {
+        self.assume_calls.load(Ordering::SeqCst)
+    }
+
+    /// The form parameters of every AssumeRole call so far.
+    pub fn assume_requests(&self) -> Vec<HashMap<String, String>> {
+        self.script
+            .lock()
+            .expect("lock")
+            .requests
+            .iter()
+            .filter(|r| r.get("Action").map(String::as_str) == Some("AssumeRole"))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for ScriptedSts {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    script: Arc<Mutex<Script>>,
+    calls: Arc<AtomicUsize>,
+) -> Response<Full<Bytes>> {
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let form = parse_form(&String::from_utf8_lossy(&body));
+    let action = form.get("Action").cloned().unwrap_or_default();
+    let (behaviour, lifetime, delay, caller_arn) = {
+        let mut s = script.lock().expect("lock");
+        s.requests.push(form.clone());
+        let role = form.get("RoleArn").cloned().unwrap_or_default();
+        let behaviour = s
+            .per_role
+            .iter()
+            .find(|(suffix, _)| role.ends_with(suffix.as_str()))
+            .map_or(s.default, |(_, b)| *b);
+        (behaviour, s.lifetime, s.delay, s.caller_arn.clone())
+    };
+    match action.as_str() {
+        "GetCallerIdentity" => {
+            let account = caller_arn
+                .split(':')
+                .nth(4)
+                .unwrap_or("123456789012")
+                .to_string();
+            xml(
+                StatusCode::OK,
+                format!(
+                    "<GetCallerIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+                     <GetCallerIdentityResult><Arn>{caller_arn}</Arn><UserId>AIDAEXAMPLE</UserId>\
+                     <Account>{account}</Account></GetCallerIdentityResult>\
+                     <ResponseMetadata><RequestId>r-1</RequestId></ResponseMetadata>\
+                     </GetCallerIdentityResponse>"
+                ),
+            )
+        }
+        "AssumeRole" => {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(delay).await;
+            let role = form.get("RoleArn").cloned().unwrap_or_default();
+            let session = form.get("RoleSessionName").cloned().unwrap_or_default();
+            match behaviour {
+                Behaviour::Grant => {
+                    let expiration =
+                        humantime::format_rfc3339_seconds(SystemTime::now() + lifetime);
+                    let name = role.rsplit('/').next().unwrap_or_default();
+                    let account = role.split(':').nth(4).unwrap_or_default();
+                    xml(
+                        StatusCode::OK,
+                        format!(
+                            "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+                             <AssumeRoleResult><Credentials>\
+                             <AccessKeyId>ASIASCRIPTED{n:08}</AccessKeyId>\
+                             <SecretAccessKey>scripted/secret/key/{n:020}</SecretAccessKey>\
+                             <SessionToken>IQoJb3JpZ2luX2VjScriptedSessionToken{n}</SessionToken>\
+                             <Expiration>{expiration}</Expiration></Credentials>\
+                             <AssumedRoleUser><AssumedRoleId>AROAEXAMPLE:{session}</AssumedRoleId>\
+                             <Arn>arn:aws:sts::{account}:assumed-role/{name}/{session}</Arn>\
+                             </AssumedRoleUser></AssumeRoleResult>\
+                             <ResponseMetadata><RequestId>r-{n}</RequestId></ResponseMetadata>\
+                             </AssumeRoleResponse>"
+                        ),
+                    )
+                }
+                Behaviour::Deny => error(
+                    StatusCode::FORBIDDEN,
+                    "AccessDenied",
+                    &format!(
+                        "User: arn:aws:iam::123456789012:user/operator is not authorized to perform: \
+                         sts:AssumeRole on resource: {role}"
+                    ),
+                ),
+                Behaviour::Throttle => {
+                    error(StatusCode::BAD_REQUEST, "Throttling", "Rate exceeded")
+                }
+                Behaviour::Fail => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalFailure",
+                    "scripted outage",
+                ),
+            }
+        }
+        other => error(
+            StatusCode::BAD_REQUEST,
+            "InvalidAction",
+            &format!("unknown action {other}"),
+        ),
+    }
+}
+
+fn xml(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/xml"),
+    );
+    res
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+    let kind = if status.is_server_error() {
+        "Receiver"
+    } else {
+        "Sender"
+    };
+    xml(
+        status,
+        format!(
+            "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+             <Error><Type>{kind}</Type><Code>{code}</Code><Message>{message}</Message></Error>\
+             <RequestId>r-err</RequestId></ErrorResponse>"
+        ),
+    )
+}
+
+fn parse_form(body: &str) -> HashMap<String, String> {
+    body.split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(&s.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// One GET from a chosen loopback source address (127.0.0.x), for tests with several callers.
+/// Returns (status, body).
+pub async fn get_from(source: IpAddr, daemon: SocketAddr, path: &str) -> (u16, String) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .expect("bind source address");
+    let mut stream = socket.connect(daemon).await.expect("connect");
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nUser-Agent: imdsd-tests\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).await.expect("read");
+    let response = super::common::parse_response(&bytes);
+    (
+        response.status,
+        String::from_utf8_lossy(&response.body).into_owned(),
+    )
+}
