@@ -145,11 +145,16 @@ impl Imds {
             Ok(p) => p,
             Err(_) => return r.error(StatusCode::BAD_REQUEST).into(),
         };
-        if let MetadataPath::Versioned { latest, rest } = &path
-            && rest == "api/token"
-        {
+        let token_path = match &path {
+            MetadataPath::Versioned { latest, rest } if rest == "api/token" => Some(*latest),
+            // A PUT under any other prefix is refused like a versioned one, never 405: SDKs read
+            // 405 on the token PUT as "IMDSv2 unsupported" and fall back to IMDSv1.
+            MetadataPath::UnknownVersion { rest } if rest == "api/token" => Some(false),
+            _ => None,
+        };
+        if let Some(latest) = token_path {
             return match *req.method() {
-                Method::PUT if *latest => self.issue_token(req, caller).await.into(),
+                Method::PUT if latest => self.issue_token(req, caller).await.into(),
                 // EC2 refuses versioned token paths outright, and says this is intended.
                 Method::PUT => r.error(StatusCode::FORBIDDEN).into(),
                 Method::OPTIONS => r.options(ALLOW_TOKEN).into(),
@@ -233,7 +238,7 @@ impl Imds {
                     .ok(self.tree.root_listing(), ContentType::Text, None)
                     .into();
             }
-            MetadataPath::UnknownVersion => return r.error(StatusCode::NOT_FOUND).into(),
+            MetadataPath::UnknownVersion { .. } => return r.error(StatusCode::NOT_FOUND).into(),
             MetadataPath::Versioned { rest, .. } => rest.as_str(),
         };
         if rest == "meta-data" {

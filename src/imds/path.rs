@@ -44,8 +44,9 @@ pub enum MetadataPath {
     Root,
     /// `/<version>/<rest>`; `rest` is the segments joined by `/`, empty for the version root.
     Versioned { latest: bool, rest: String },
-    /// A first segment that is not a version EC2 knows.
-    UnknownVersion,
+    /// A first segment that is not a version EC2 knows; `rest` as for `Versioned`, so that a
+    /// token PUT under it can still be refused as a versioned one.
+    UnknownVersion { rest: String },
 }
 
 /// Why a path was refused with 400.
@@ -80,13 +81,11 @@ pub fn parse(raw: &str) -> Result<MetadataPath, PathError> {
         return Ok(MetadataPath::Root);
     };
     let latest = first == "latest";
+    let rest = rest.join("/");
     if !latest && !VERSIONS.contains(&first.as_ref()) {
-        return Ok(MetadataPath::UnknownVersion);
+        return Ok(MetadataPath::UnknownVersion { rest });
     }
-    Ok(MetadataPath::Versioned {
-        latest,
-        rest: rest.join("/"),
-    })
+    Ok(MetadataPath::Versioned { latest, rest })
 }
 
 #[cfg(test)]
@@ -121,7 +120,9 @@ mod tests {
         );
         assert_eq!(
             parse("/2099-01-01/meta-data"),
-            Ok(MetadataPath::UnknownVersion)
+            Ok(MetadataPath::UnknownVersion {
+                rest: "meta-data".into()
+            })
         );
     }
 
