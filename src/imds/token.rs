@@ -14,7 +14,7 @@
 //! to anyone else. The key lives in the state directory, so a restart keeps every issued token
 //! valid: the Rust SDK caches its token for up to six hours and does not drop it on a 401.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE;
@@ -88,7 +88,13 @@ impl Tokens {
         ttl: u32,
         now: SystemTime,
     ) -> Result<String, getrandom::Error> {
-        let expires = u32::try_from(unix_seconds(now) + u64::from(ttl)).unwrap_or(u32::MAX);
+        // Rounded up, so a token lives at least its full TTL (a TTL of 1 is never 0.3 s).
+        let until = now + Duration::from_secs(u64::from(ttl));
+        let mut expires_secs = unix_seconds(until);
+        if until > UNIX_EPOCH + Duration::from_secs(expires_secs) {
+            expires_secs += 1;
+        }
+        let expires = u32::try_from(expires_secs).unwrap_or(u32::MAX);
         let mut raw = [0u8; RAW_LEN];
         raw[0] = VERSION;
         raw[1..5].copy_from_slice(&expires.to_be_bytes());
@@ -119,12 +125,14 @@ impl Tokens {
         if !bool::from(expected[..RAW_LEN - SIGNED_LEN].ct_eq(&raw[SIGNED_LEN..RAW_LEN])) {
             return Err(TokenError::BadSignature);
         }
-        let expires = u64::from(u32::from_be_bytes([raw[1], raw[2], raw[3], raw[4]]));
-        let now = unix_seconds(now);
-        if now >= expires {
-            return Err(TokenError::Expired);
+        let expires = UNIX_EPOCH
+            + Duration::from_secs(u64::from(u32::from_be_bytes([
+                raw[1], raw[2], raw[3], raw[4],
+            ])));
+        match expires.duration_since(now) {
+            Ok(left) if !left.is_zero() => Ok(Duration::from_secs(left.as_secs())),
+            _ => Err(TokenError::Expired),
         }
-        Ok(Duration::from_secs(expires - now))
     }
 
     fn mac(&self, signed: &[u8], binding: &[u8]) -> [u8; 32] {
@@ -190,6 +198,24 @@ mod tests {
             tk.verify(t.as_bytes(), b"ip:10.0.0.1", t0() + Duration::from_secs(60)),
             Err(TokenError::Expired)
         );
+    }
+
+    #[test]
+    fn a_token_lives_at_least_its_ttl() {
+        let tk = tokens();
+        let issued = t0() + Duration::from_millis(999);
+        let t = tk.issue(b"b", 1, issued).expect("rng");
+        assert!(
+            tk.verify(t.as_bytes(), b"b", issued + Duration::from_millis(990))
+                .is_ok()
+        );
+        assert_eq!(
+            tk.verify(t.as_bytes(), b"b", issued + Duration::from_millis(1001)),
+            Err(TokenError::Expired)
+        );
+        let t = tk.issue(b"b", 21_600, issued).expect("rng");
+        let left = tk.verify(t.as_bytes(), b"b", issued).expect("valid");
+        assert!(left <= Duration::from_secs(21_600), "{left:?}");
     }
 
     #[test]
