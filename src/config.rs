@@ -1153,6 +1153,80 @@ mod tests {
         assert!(parse_listen("metadata:80").is_err());
     }
 
+    /// The example file documents every key: uncommenting each `# key = value` line must give a
+    /// valid configuration, and every file key must appear in it.
+    #[test]
+    fn the_example_file_is_valid_and_complete() {
+        let example =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/imdsd.example.toml"))
+                .expect("example file");
+        assert!(
+            toml::from_str::<FileConfig>(&example).is_ok(),
+            "the example parses as shipped"
+        );
+        let uncommented: String = example
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.split(" = ").next().is_some_and(|k| {
+                        !k.is_empty()
+                            && k.bytes()
+                                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                    }) && rest.contains(" = ") =>
+                {
+                    rest.split("  #").next().unwrap_or(rest).to_string()
+                }
+                _ => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let parsed: FileConfig = toml::from_str(&uncommented)
+            .unwrap_or_else(|e| panic!("uncommented example does not parse: {e}\n{uncommented}"));
+        let f = file(&uncommented.replace("role_mapping_file = \"/etc/imdsd/roles.json\"", ""));
+        let path = f.path().to_str().expect("utf8").to_string();
+        match parse(["imdsd", "--config", &path], &env_none) {
+            Ok(Parsed::Run(_)) => {}
+            Ok(Parsed::Info(i)) => panic!("{i}"),
+            Err(e) => panic!("uncommented example is invalid: {e}"),
+        }
+        assert!(parsed.instance.tags_in_metadata.is_some() && parsed.account_map.is_some());
+        let json = serde_json::to_value(FileKeys::default()).expect("keys");
+        for key in json.as_object().expect("object").keys() {
+            assert!(
+                example.contains(&format!("# {key} = ")),
+                "imdsd.example.toml does not document {key}"
+            );
+        }
+    }
+
+    /// Mirrors [`FileConfig`]'s top-level keys, so the completeness check above fails when a key
+    /// is added without documenting it.
+    #[derive(serde::Serialize, Default)]
+    struct FileKeys {
+        default_role: (),
+        listen: (),
+        http_tokens: (),
+        http_endpoint: (),
+        fake_credentials: (),
+        fake_credentials_lifetime: (),
+        role_mapping_file: (),
+        default_account_id: (),
+        account_map: (),
+        session_name: (),
+        refresh_threshold: (),
+        region: (),
+        profile: (),
+        sts_endpoint: (),
+        role_duration: (),
+        source_imds: (),
+        state_dir: (),
+        log_format: (),
+        log_level: (),
+        keep_alive: (),
+        strict_expect: (),
+        forwarded_for: (),
+    }
+
     #[test]
     fn help_is_information_not_an_error() {
         match parse(["imdsd", "--help"], &env_none) {
