@@ -16,11 +16,13 @@ use crate::credentials::CredentialSource;
 use crate::credentials::broker::{Broker, Lease};
 use crate::credentials::fake::FakeSource;
 use crate::credentials::sts::{StsOptions, StsSetupError, StsSource};
+use crate::docker::{DockerStats, Watcher};
 use crate::identity::Identity;
 use crate::identity::role::AccountContext;
 use crate::imds::Imds;
 use crate::imds::token::Tokens;
 use crate::imds::tree::Tree;
+use crate::index::Index;
 use crate::server::{self, ServerOptions};
 use crate::state::StateDir;
 
@@ -50,6 +52,11 @@ pub struct App {
     listeners: Vec<TcpListener>,
     local_addrs: Vec<SocketAddr>,
     server: ServerOptions,
+    identity: Arc<Identity>,
+    /// Follows the Docker Engine, when there is one.
+    watcher: Option<Watcher>,
+    index: Option<Index>,
+    docker_stats: Option<Arc<DockerStats>>,
     /// Keeps the credentials of callers known in advance cached and refreshed.
     _leases: Vec<Lease>,
 }
@@ -80,10 +87,16 @@ impl App {
         }
 
         let (source, accounts) = build_source(&config, clock.clone()).await?;
-        let identity = Arc::new(
-            Identity::new(config.identity.clone(), accounts)
-                .map_err(|problems| ConfigError { problems })?,
-        );
+        let mut identity = Identity::new(config.identity.clone(), accounts)
+            .map_err(|problems| ConfigError { problems })?;
+        let watcher = config.docker.clone().map(|options| {
+            let (index, writer) = crate::index::index();
+            identity.attach_index(index);
+            Watcher::new(options, writer)
+        });
+        let index = watcher.as_ref().map(Watcher::index);
+        let docker_stats = watcher.as_ref().map(Watcher::stats);
+        let identity = Arc::new(identity);
         let broker = Broker::new(source, clock.clone(), config.broker.clone());
         let leases: Vec<Lease> = identity
             .known_requests()
@@ -99,6 +112,14 @@ impl App {
             config.imds.clone(),
             clock,
         ));
+        match &config.docker {
+            Some(d) => {
+                tracing::info!(docker = %d.host, networks = ?d.networks, "telling containers apart through the Docker Engine")
+            }
+            None => tracing::warn!(
+                "no Docker Engine (--docker-host none, or no /var/run/docker.sock): every caller is served by the mapping file and the default role"
+            ),
+        }
 
         let listeners = server::bind_all(&config.listen).await.map_err(|e| {
             if e.is_configuration {
@@ -127,6 +148,10 @@ impl App {
             listeners,
             local_addrs,
             server: config.server,
+            identity,
+            watcher,
+            index,
+            docker_stats,
             _leases: leases,
         })
     }
@@ -144,8 +169,28 @@ impl App {
         &self.imds
     }
 
+    /// The container index, when following a Docker Engine.
+    pub fn index(&self) -> Option<&Index> {
+        self.index.as_ref()
+    }
+
+    /// The Docker watcher's counters (API calls, events, reconnects).
+    pub fn docker_stats(&self) -> Option<&Arc<DockerStats>> {
+        self.docker_stats.as_ref()
+    }
+
     /// Serves until `shutdown` is cancelled, then drains requests in flight.
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut background = tokio::task::JoinSet::new();
+        if let (Some(watcher), Some(index)) = (self.watcher, self.index) {
+            background.spawn(watcher.run(shutdown.clone()));
+            background.spawn(crate::prefetch::run(
+                index,
+                self.identity.clone(),
+                self.broker.clone(),
+                shutdown.clone(),
+            ));
+        }
         let mut tasks = tokio::task::JoinSet::new();
         for (listener, addr) in self.listeners.into_iter().zip(self.local_addrs.iter()) {
             tracing::info!(addr = %addr, "serving instance metadata");
@@ -162,6 +207,8 @@ impl App {
             ));
         }
         while tasks.join_next().await.is_some() {}
+        shutdown.cancel();
+        while background.join_next().await.is_some() {}
         tracing::info!("stopped");
     }
 }

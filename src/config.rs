@@ -19,9 +19,11 @@ use serde::Deserialize;
 
 use crate::credentials::broker::BrokerConfig;
 use crate::credentials::fake::DEFAULT_LIFETIME;
+use crate::docker::DockerOptions;
+use crate::identity::container::{ContainerRules, DEFAULT_UNKNOWN_CALLER_WAIT, SessionKey};
 use crate::identity::mapping::RoleMapping;
 use crate::identity::role::{RoleSpec, parse_account_map};
-use crate::identity::{DEFAULT_SESSION_NAME_TEMPLATE, IdentityConfig, check_session_name_template};
+use crate::identity::{IdentityConfig, check_session_name_template};
 use crate::imds::response::Connection;
 use crate::imds::{HttpTokens, ImdsOptions};
 use crate::instance::{Instance, InstanceDefaults, InstanceSection, is_region};
@@ -42,8 +44,17 @@ Examples:
 /// Gives each container its own AWS IAM role through an EC2 instance metadata service
 /// (IMDSv1 and IMDSv2).
 #[derive(Debug, Parser)]
-#[command(name = "imdsd", version, after_long_help = AFTER_HELP, max_term_width = 100)]
+#[command(
+    name = "imdsd",
+    version,
+    after_long_help = AFTER_HELP,
+    max_term_width = 100,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Role for callers that have no role of their own: an ARN, name, path/name, name@account-id
     /// or name@alias. Same as --default-role.
     #[arg(value_name = "DEFAULT_ROLE")]
@@ -156,6 +167,67 @@ pub struct Cli {
     /// [default: reject]
     #[arg(long, env = "IMDSD_FORWARDED_FOR", value_name = "reject|allow")]
     pub forwarded_for: Option<String>,
+
+    /// Docker Engine to follow: unix:///path, tcp://host:port, or "none" for no containers
+    /// (DOCKER_URL is read too). [default: unix:///var/run/docker.sock when it exists]
+    #[arg(long, env = "DOCKER_HOST", value_name = "URL")]
+    pub docker_host: Option<String>,
+
+    /// Only serve containers attached to these Docker networks (comma-separated names).
+    /// [default: all networks]
+    #[arg(
+        long,
+        env = "IMDSD_NETWORKS",
+        value_name = "NAMES",
+        value_delimiter = ','
+    )]
+    pub networks: Vec<String>,
+
+    /// Environment variable in which a container names its role. [default: IAM_ROLE]
+    #[arg(long, env = "IMDSD_ROLE_ENV", value_name = "NAME")]
+    pub role_env: Option<String>,
+
+    /// Prefix of the container labels imdsd reads (<prefix>.role, <prefix>.role-alias,
+    /// <prefix>.external-id, <prefix>.policy). [default: imdsd]
+    #[arg(long, env = "IMDSD_LABEL_PREFIX", value_name = "PREFIX")]
+    pub label_prefix: Option<String>,
+
+    /// Roles containers may ask for (comma-separated globs; "arn:…" patterns match the ARN,
+    /// others the role name). Role aliases are always allowed. [default: any role]
+    #[arg(
+        long,
+        env = "IMDSD_ALLOWED_ROLES",
+        value_name = "GLOBS",
+        value_delimiter = ','
+    )]
+    pub allowed_roles: Vec<String>,
+
+    /// Containers may only choose roles by alias (the [role_aliases] table in the config file).
+    #[arg(long, env = "IMDSD_ALIASES_ONLY", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true")]
+    pub aliases_only: Option<String>,
+
+    /// Where a container's session name comes from: Env:KEY or Labels:KEY.
+    /// [default: the session name template]
+    #[arg(long, env = "ROLE_SESSION_KEY", value_name = "Env:KEY|Labels:KEY")]
+    pub role_session_key: Option<String>,
+
+    /// How long a request from a container imdsd has not seen start yet waits for it (0 to 250ms).
+    /// [default: 250ms]
+    #[arg(long, env = "IMDSD_UNKNOWN_CALLER_WAIT", value_name = "DURATION")]
+    pub unknown_caller_wait: Option<String>,
+
+    /// How often the container index is compared with a full listing. [default: 5m]
+    #[arg(long, env = "IMDSD_DOCKER_RESYNC", value_name = "DURATION")]
+    pub docker_resync: Option<String>,
+}
+
+/// Tools that run instead of the daemon.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Ask a metadata service for credentials as an AWS SDK does, and print what came back as
+    /// one JSON line (secrets shortened). Run it inside a container to see what it gets.
+    Probe(crate::probe::ProbeArgs),
 }
 
 /// The configuration file. Keys mirror the flags, with underscores.
@@ -184,6 +256,17 @@ pub struct FileConfig {
     pub keep_alive: Option<bool>,
     pub strict_expect: Option<bool>,
     pub forwarded_for: Option<String>,
+    pub docker_host: Option<String>,
+    pub networks: Option<Vec<String>>,
+    pub role_env: Option<String>,
+    pub label_prefix: Option<String>,
+    pub allowed_roles: Option<Vec<String>>,
+    pub aliases_only: Option<bool>,
+    pub role_session_key: Option<String>,
+    pub unknown_caller_wait: Option<String>,
+    pub docker_resync: Option<String>,
+    /// Alias → role spec, for containers that choose a role by alias.
+    pub role_aliases: Option<std::collections::BTreeMap<String, String>>,
     #[serde(default)]
     pub instance: InstanceSection,
 }
@@ -227,6 +310,8 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     pub log_format: LogFormat,
     pub log_filter: String,
+    /// The Docker Engine to follow; `None` runs without containers.
+    pub docker: Option<DockerOptions>,
 }
 
 /// Everything wrong with the configuration, one line each.
@@ -256,6 +341,8 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug)]
 pub enum Parsed {
     Run(Box<Config>),
+    /// `imdsd probe …`.
+    Probe(crate::probe::ProbeArgs),
     /// `--help` or `--version`: print and exit 0.
     Info(String),
 }
@@ -290,6 +377,9 @@ where
     let cli = Cli::from_arg_matches(&matches).map_err(|e| ConfigError {
         problems: vec![e.to_string()],
     })?;
+    if let Some(Command::Probe(args)) = cli.command {
+        return Ok(Parsed::Probe(args));
+    }
     resolve(&cli, &matches, env).map(|c| Parsed::Run(Box::new(c)))
 }
 
@@ -413,6 +503,14 @@ fn flag_to_key(flag: &'static str) -> &'static str {
         "sts-endpoint" => "sts_endpoint",
         "role-duration" => "role_duration",
         "source-imds" => "source_imds",
+        "docker-host" => "docker_host",
+        "role-env" => "role_env",
+        "label-prefix" => "label_prefix",
+        "allowed-roles" => "allowed_roles",
+        "aliases-only" => "aliases_only",
+        "role-session-key" => "role_session_key",
+        "unknown-caller-wait" => "unknown_caller_wait",
+        "docker-resync" => "docker_resync",
         other => other,
     }
 }
@@ -787,10 +885,12 @@ fn resolve(
             if let Err(e) = check_session_name_template(&t) {
                 r.problem(&origin, e);
             }
-            t
+            Some(t)
         }
-        None => DEFAULT_SESSION_NAME_TEMPLATE.into(),
+        None => None,
     };
+
+    let (docker, containers) = resolve_containers(&mut r, cli, &file, env);
 
     let default_account_id = match r.pick(
         "default_account_id",
@@ -937,6 +1037,7 @@ fn resolve(
             default_role,
             mapping,
             session_name_template,
+            containers,
         },
         default_account_id,
         account_map,
@@ -945,7 +1046,267 @@ fn resolve(
         state_dir,
         log_format,
         log_filter,
+        docker,
     })
+}
+
+/// A list from a repeatable flag (or its comma-separated variable), else the file.
+fn pick_list(
+    r: &Resolver<'_>,
+    id: &str,
+    flag: &'static str,
+    env: &'static str,
+    cli: &[String],
+    file: Option<&Vec<String>>,
+) -> Option<(Vec<String>, Origin)> {
+    let cli = (!cli.is_empty()).then(|| cli.to_vec());
+    r.pick(id, flag, env, cli, file.cloned())
+        .map(|(list, origin)| {
+            let list = list
+                .into_iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+            (list, origin)
+        })
+}
+
+/// A duration such as "250ms" or "5m" within `range`.
+fn pick_duration(
+    r: &mut Resolver<'_>,
+    picked: Option<(String, Origin)>,
+    range: std::ops::RangeInclusive<Duration>,
+    default: Duration,
+) -> Duration {
+    let Some((s, origin)) = picked else {
+        return default;
+    };
+    match humantime::parse_duration(s.trim()) {
+        Ok(d) if range.contains(&d) => d,
+        Ok(_) => {
+            r.problem(
+                &origin,
+                format!(
+                    "{s:?} is outside {} to {}",
+                    humantime::format_duration(*range.start()),
+                    humantime::format_duration(*range.end())
+                ),
+            );
+            default
+        }
+        Err(e) => {
+            r.problem(
+                &origin,
+                format!("{s:?} is not a duration such as \"250ms\" or \"5m\" ({e})"),
+            );
+            default
+        }
+    }
+}
+
+/// The Docker connection and the rules for containers.
+fn resolve_containers(
+    r: &mut Resolver<'_>,
+    cli: &Cli,
+    file: &FileConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> (Option<DockerOptions>, ContainerRules) {
+    let mut rules = ContainerRules::default();
+
+    if let Some((name, origin)) = r.pick(
+        "role_env",
+        "role-env",
+        "IMDSD_ROLE_ENV",
+        cli.role_env.clone(),
+        file.role_env.clone(),
+    ) {
+        let name = name.trim().to_string();
+        if name.is_empty() || name.contains(['=', ' ']) {
+            r.problem(
+                &origin,
+                format!("{name:?} is not an environment variable name such as \"IAM_ROLE\""),
+            );
+        } else {
+            rules.role_env = name;
+        }
+    }
+    if let Some((prefix, origin)) = r.pick(
+        "label_prefix",
+        "label-prefix",
+        "IMDSD_LABEL_PREFIX",
+        cli.label_prefix.clone(),
+        file.label_prefix.clone(),
+    ) {
+        let prefix = prefix.trim().trim_end_matches('.').to_string();
+        if prefix.is_empty() || prefix.contains([' ', '=']) {
+            r.problem(
+                &origin,
+                format!(
+                    "{prefix:?} is not a label prefix such as \"imdsd\" or \"com.example.iam\""
+                ),
+            );
+        } else {
+            rules.label_prefix = prefix;
+        }
+    }
+    if let Some((patterns, origin)) = pick_list(
+        r,
+        "allowed_roles",
+        "allowed-roles",
+        "IMDSD_ALLOWED_ROLES",
+        &cli.allowed_roles,
+        file.allowed_roles.as_ref(),
+    ) {
+        for p in &patterns {
+            if let Err(e) = ContainerRules::check_allowed_pattern(p) {
+                r.problem(&origin, e);
+            }
+        }
+        rules.allowed_roles = patterns;
+    }
+    rules.aliases_only = r.boolean(
+        "aliases_only",
+        "aliases-only",
+        "IMDSD_ALIASES_ONLY",
+        &cli.aliases_only,
+        file.aliases_only,
+    );
+    if let Some((key, origin)) = r.pick(
+        "role_session_key",
+        "role-session-key",
+        "ROLE_SESSION_KEY",
+        cli.role_session_key.clone(),
+        file.role_session_key.clone(),
+    ) && !key.trim().is_empty()
+    {
+        match SessionKey::parse(&key) {
+            Ok(k) => rules.session_key = Some(k),
+            Err(e) => r.problem(&origin, e),
+        }
+    }
+    let wait = r.pick(
+        "unknown_caller_wait",
+        "unknown-caller-wait",
+        "IMDSD_UNKNOWN_CALLER_WAIT",
+        cli.unknown_caller_wait.clone(),
+        file.unknown_caller_wait.clone(),
+    );
+    rules.unknown_caller_wait = pick_duration(
+        r,
+        wait,
+        Duration::ZERO..=DEFAULT_UNKNOWN_CALLER_WAIT,
+        DEFAULT_UNKNOWN_CALLER_WAIT,
+    );
+    for (alias, spec) in file.role_aliases.iter().flatten() {
+        match RoleSpec::parse(spec) {
+            Ok(s) => {
+                rules.aliases.insert(alias.clone(), s);
+            }
+            Err(e) => r.problem(&Origin::File("role_aliases"), format!("{alias}: {e}")),
+        }
+    }
+    if rules.aliases_only && rules.aliases.is_empty() {
+        r.problems.push(
+            "aliases only is set but the [role_aliases] table is empty, so no container could get a role; \
+             add aliases to the configuration file or drop --aliases-only"
+                .into(),
+        );
+    }
+
+    let resync = r.pick(
+        "docker_resync",
+        "docker-resync",
+        "IMDSD_DOCKER_RESYNC",
+        cli.docker_resync.clone(),
+        file.docker_resync.clone(),
+    );
+    let resync_every = pick_duration(
+        r,
+        resync,
+        Duration::from_secs(5)..=Duration::from_secs(24 * 3600),
+        Duration::from_secs(300),
+    );
+    let networks = pick_list(
+        r,
+        "networks",
+        "networks",
+        "IMDSD_NETWORKS",
+        &cli.networks,
+        file.networks.as_ref(),
+    )
+    .map(|(n, _)| n)
+    .filter(|n| !n.is_empty());
+
+    let host = r
+        .pick(
+            "docker_host",
+            "docker-host",
+            "DOCKER_HOST",
+            cli.docker_host.clone(),
+            None,
+        )
+        .or_else(|| {
+            env("DOCKER_URL")
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| (s, Origin::Env("DOCKER_URL")))
+        })
+        .or_else(|| {
+            file.docker_host
+                .clone()
+                .map(|s| (s, Origin::File("docker_host")))
+        });
+    let host = match host {
+        Some((h, _)) if h.trim().eq_ignore_ascii_case("none") => None,
+        Some((h, origin)) => match normalise_docker_host(&h) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                r.problem(&origin, e);
+                None
+            }
+        },
+        None if Path::new(DEFAULT_DOCKER_SOCKET).exists() => {
+            Some(format!("unix://{DEFAULT_DOCKER_SOCKET}"))
+        }
+        None => None,
+    };
+    let docker = host.map(|host| DockerOptions {
+        host,
+        resync_every,
+        env_keys: rules.env_keys(),
+        networks,
+    });
+    (docker, rules)
+}
+
+const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+
+/// `unix:///var/run/docker.sock`, lyft's `unix://var/run/docker.sock`, a bare socket path,
+/// `tcp://host:2375` or `http://host:2375`.
+fn normalise_docker_host(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if let Some(path) = s.strip_prefix("unix://") {
+        let path = path.trim_start_matches('/');
+        if path.is_empty() {
+            return Err(format!(
+                "{s:?} names no socket; write e.g. \"unix:///var/run/docker.sock\""
+            ));
+        }
+        return Ok(format!("unix:///{path}"));
+    }
+    if s.starts_with('/') {
+        return Ok(format!("unix://{s}"));
+    }
+    if let Some(rest) = s
+        .strip_prefix("tcp://")
+        .or_else(|| s.strip_prefix("http://"))
+        && !rest.is_empty()
+    {
+        return Ok(format!("http://{rest}"));
+    }
+    Err(format!(
+        "{s:?} is not a Docker Engine address; write unix:///var/run/docker.sock, tcp://host:2375, or none \
+         (TLS endpoints (https://, DOCKER_TLS_VERIFY) are not supported: mount the socket instead)"
+    ))
 }
 
 #[cfg(test)]
@@ -961,7 +1322,7 @@ mod tests {
         full.extend_from_slice(args);
         match parse(full, &env_none)? {
             Parsed::Run(c) => Ok(*c),
-            Parsed::Info(s) => panic!("unexpected info output: {s}"),
+            other => panic!("unexpected parse outcome: {other:?}"),
         }
     }
 
@@ -1186,7 +1547,7 @@ mod tests {
         let path = f.path().to_str().expect("utf8").to_string();
         match parse(["imdsd", "--config", &path], &env_none) {
             Ok(Parsed::Run(_)) => {}
-            Ok(Parsed::Info(i)) => panic!("{i}"),
+            Ok(other) => panic!("{other:?}"),
             Err(e) => panic!("uncommented example is invalid: {e}"),
         }
         assert!(parsed.instance.tags_in_metadata.is_some() && parsed.account_map.is_some());
@@ -1225,6 +1586,92 @@ mod tests {
         keep_alive: (),
         strict_expect: (),
         forwarded_for: (),
+        docker_host: (),
+        networks: (),
+        role_env: (),
+        label_prefix: (),
+        allowed_roles: (),
+        aliases_only: (),
+        role_aliases: (),
+        role_session_key: (),
+        unknown_caller_wait: (),
+        docker_resync: (),
+    }
+
+    #[test]
+    fn container_options_parse_and_bad_ones_are_named() {
+        let roles = file(
+            "role_aliases = { db = \"arn:aws:iam::123456789012:role/Db\" }\naliases_only = true\n",
+        );
+        let c = config(&[
+            "--config",
+            roles.path().to_str().expect("utf8"),
+            "--docker-host",
+            "unix://var/run/other.sock",
+            "--networks",
+            "a,b",
+            "--allowed-roles",
+            "app-*",
+            "--role-session-key",
+            "Env:JOB",
+            "--unknown-caller-wait",
+            "100ms",
+        ])
+        .expect("valid");
+        let docker = c.docker.expect("docker");
+        assert_eq!(docker.host, "unix:///var/run/other.sock");
+        assert_eq!(
+            docker.networks,
+            Some(vec!["a".to_string(), "b".to_string()])
+        );
+        assert!(docker.env_keys.contains(&"JOB".to_string()));
+        let rules = &c.identity.containers;
+        assert!(rules.aliases_only && rules.aliases.contains_key("db"));
+        assert_eq!(rules.allowed_roles, vec!["app-*".to_string()]);
+        assert_eq!(rules.unknown_caller_wait, Duration::from_millis(100));
+        assert!(
+            config(&["--docker-host", "none"])
+                .expect("valid")
+                .docker
+                .is_none()
+        );
+        assert_eq!(
+            config(&["--docker-host", "tcp://10.0.0.1:2375"])
+                .expect("valid")
+                .docker
+                .expect("d")
+                .host,
+            "http://10.0.0.1:2375"
+        );
+
+        let err = config(&[
+            "--docker-host",
+            "https://x:2376",
+            "--role-session-key",
+            "JOB",
+            "--unknown-caller-wait",
+            "2s",
+            "--aliases-only",
+            "--allowed-roles",
+            "arn:aws:iam::123456789012:user/x",
+        ])
+        .expect_err("invalid");
+        let all = err.problems.join("\n");
+        assert_eq!(err.problems.len(), 5, "{all}");
+        assert!(all.contains("--docker-host: \"https://x:2376\""), "{all}");
+        assert!(
+            all.contains("--role-session-key") && all.contains("Env:KEY"),
+            "{all}"
+        );
+        assert!(
+            all.contains("--unknown-caller-wait") && all.contains("250ms"),
+            "{all}"
+        );
+        assert!(all.contains("role_aliases"), "{all}");
+        assert!(
+            all.contains("--allowed-roles") && all.contains(":role/"),
+            "{all}"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The `imdsd` binary: reads the configuration, sets up logging, runs the daemon until SIGTERM or
-//! SIGINT, and maps the outcome to an exit code (0 clean, 64 configuration, 1 runtime failure).
+//! SIGINT (or runs `imdsd probe`), and maps the outcome to an exit code (0 clean, 64 configuration, 1 runtime failure).
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
             print!("{text}");
             return ExitCode::SUCCESS;
         }
+        Ok(Parsed::Probe(args)) => return probe(args),
         Err(e) => {
             eprint!("imdsd: {e}");
             return ExitCode::from(EX_USAGE);
@@ -52,6 +53,20 @@ fn main() -> ExitCode {
         app.run(shutdown).await;
         ExitCode::SUCCESS
     })
+}
+
+/// `imdsd probe`: a client, so a small single-threaded runtime and no daemon logging.
+fn probe(args: imdsd::probe::ProbeArgs) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => ExitCode::from(rt.block_on(imdsd::probe::run(args))),
+        Err(e) => {
+            eprintln!("imdsd probe: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

@@ -1,23 +1,33 @@
 //! Who is calling, and which role they get: caller IP → [`Workload`].
 //!
-//! The order of precedence, first match wins: the role mapping file (exact IP, then the most
-//! specific CIDR), then the default role, else no role at all (and so no `iam/` in the caller's
-//! metadata). Every role named in configuration is resolved to an ARN at startup, so a typo fails
-//! the start, not a request.
+//! A caller is first looked up in the container index (see [`crate::index`]). For a container,
+//! first match wins: the role the container names itself (see [`container`]: alias label, role
+//! label, `IAM_ROLE`), checked against the operator's rules; then the role mapping file (exact IP,
+//! then the most specific CIDR); then the default role; else no role. A caller that is not a
+//! container (the host, a VM) gets the mapping file, then the default role.
+//!
+//! Two rules keep one container from ever getting another's role:
+//! - an address inside a container network that no running container owns is served no role at
+//!   all (after a bounded wait for the container's start event), never the default;
+//! - a workload, and every IMDSv2 token issued to it, is bound to one container incarnation (id
+//!   and start time), so a token from a dead container is worthless to the next one on its IP.
 //!
 //! This module decides; it does not fetch. It hands the HTTP layer an [`AssumeRequest`] whose
 //! every field is part of the credential cache key.
 
+pub mod container;
 pub mod mapping;
 pub mod role;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
 use crate::credentials::AssumeRequest;
+use crate::index::{Container, Index, Lookup};
+use container::{ContainerRules, Decision};
 use mapping::{MappedRole, RoleMapping};
-use role::{AccountContext, RoleSpec, sanitise_session_name};
+use role::{AccountContext, RoleArn, RoleSpec, sanitise_session_name};
 
 /// The calling workload as far as the daemon can tell.
 #[derive(Debug)]
@@ -25,6 +35,8 @@ pub struct Workload {
     pub ip: IpAddr,
     /// What IMDSv2 tokens are bound to: a token is valid only for the workload it was issued to.
     pub binding: String,
+    /// The container calling, if the caller is one the index knows.
+    pub container: Option<Arc<Container>>,
     pub role: RoleState,
 }
 
@@ -34,13 +46,46 @@ pub enum RoleState {
     /// No role: the caller's metadata has no `iam/` subtree.
     None,
     Assigned(Arc<Assignment>),
+    /// The caller asked for a role it may not have, or named it wrongly: it is told why, and no
+    /// STS call is made.
+    Refused(Arc<Refusal>),
+    /// The container index has not synced yet, so the caller cannot be told apart from a
+    /// container; role routes answer 503, which SDKs retry.
+    Pending,
 }
 
 impl RoleState {
+    fn granted(granted: Option<(AssumeRequest, RoleOrigin)>) -> Self {
+        match granted {
+            Some((request, origin)) => RoleState::Assigned(Arc::new(Assignment {
+                request: Arc::new(request),
+                origin,
+            })),
+            None => RoleState::None,
+        }
+    }
+
+    fn refused(name: String, code: &'static str, message: String) -> Self {
+        RoleState::Refused(Arc::new(Refusal {
+            name,
+            code,
+            message,
+        }))
+    }
+
     pub fn assignment(&self) -> Option<&Arc<Assignment>> {
         match self {
             RoleState::Assigned(a) => Some(a),
-            RoleState::None => None,
+            _ => None,
+        }
+    }
+
+    /// The name listed under `iam/security-credentials/`, if any.
+    pub fn listed_name(&self) -> Option<&str> {
+        match self {
+            RoleState::Assigned(a) => Some(a.role_name()),
+            RoleState::Refused(r) => Some(&r.name),
+            RoleState::None | RoleState::Pending => None,
         }
     }
 }
@@ -59,12 +104,26 @@ impl Assignment {
     }
 }
 
+/// A refused role request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// What the caller sees listed: the requested role's name, made safe for a path segment.
+    pub name: String,
+    /// An EC2-style error code (`AccessDenied`, `InvalidRoleSpec`, …).
+    pub code: &'static str,
+    pub message: String,
+}
+
 /// Where a role assignment came from, for logs and the admin API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoleOrigin {
     /// The mapping file entry with this key.
     MappingFile(String),
     DefaultRole,
+    /// The container's own label or environment variable with this name.
+    Container(String),
+    /// A role alias, chosen by the container.
+    Alias(String),
 }
 
 impl std::fmt::Display for RoleOrigin {
@@ -72,6 +131,8 @@ impl std::fmt::Display for RoleOrigin {
         match self {
             RoleOrigin::MappingFile(key) => write!(f, "mapping file entry {key:?}"),
             RoleOrigin::DefaultRole => f.write_str("default role"),
+            RoleOrigin::Container(from) => write!(f, "container {from}"),
+            RoleOrigin::Alias(alias) => write!(f, "role alias {alias:?}"),
         }
     }
 }
@@ -81,15 +142,19 @@ impl std::fmt::Display for RoleOrigin {
 pub struct IdentityConfig {
     pub default_role: Option<RoleSpec>,
     pub mapping: RoleMapping,
-    /// `RoleSessionName` template; see [`render_session_name`].
-    pub session_name_template: String,
+    /// `RoleSessionName` template; `None` is `{container_name}` for containers and `imdsd-{ip}`
+    /// for other callers. See [`render_session_name`].
+    pub session_name_template: Option<String>,
+    pub containers: ContainerRules,
 }
 
 /// Placeholders a session-name template may use.
-pub const SESSION_NAME_PLACEHOLDERS: &[&str] = &["ip"];
+pub const SESSION_NAME_PLACEHOLDERS: &[&str] = &["ip", "container_name", "container_id", "image"];
 
-/// The default session-name template for callers that are not containers.
+/// The session-name template for callers that are not containers.
 pub const DEFAULT_SESSION_NAME_TEMPLATE: &str = "imdsd-{ip}";
+/// The session-name template for containers: their name shows in CloudTrail.
+pub const DEFAULT_CONTAINER_SESSION_NAME_TEMPLATE: &str = "{container_name}";
 
 /// Checks that a template uses only known placeholders and balanced braces.
 pub fn check_session_name_template(template: &str) -> Result<(), String> {
@@ -117,22 +182,38 @@ pub fn check_session_name_template(template: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Fills a session-name template and sanitises the result to what STS accepts.
-pub fn render_session_name(template: &str, ip: IpAddr) -> String {
+/// Fills a session-name template and sanitises the result to what STS accepts. A template that
+/// uses container placeholders falls back to `imdsd-{ip}` for callers that are not containers.
+pub fn render_session_name(template: &str, ip: IpAddr, container: Option<&Container>) -> String {
     let ip_text = ip.to_string();
-    let rendered = template.replace("{ip}", &ip_text);
+    let rendered = match container {
+        Some(c) => template
+            .replace("{ip}", &ip_text)
+            .replace("{container_name}", &c.name)
+            .replace("{container_id}", c.short_id())
+            .replace("{image}", &c.image),
+        None if template.contains("{container_") || template.contains("{image}") => {
+            DEFAULT_SESSION_NAME_TEMPLATE.replace("{ip}", &ip_text)
+        }
+        None => template.replace("{ip}", &ip_text),
+    };
     sanitise_session_name(&rendered, "imdsd")
 }
 
-/// Resolves callers to workloads. Cheap to share; lookups take a read lock for a map access.
+/// Resolves callers to workloads. Cheap to share; a known caller costs two read-locked map
+/// lookups (the index and the memo) and no I/O.
 #[derive(Debug)]
 pub struct Identity {
     accounts: AccountContext,
-    default_role: Option<role::RoleArn>,
-    mapping: Vec<(String, MappedRole, role::RoleArn)>,
+    default_role: Option<RoleArn>,
+    mapping: Vec<(String, MappedRole, RoleArn)>,
     raw_mapping: RoleMapping,
-    session_name_template: String,
-    /// Static resolution is pure, so its result per address is remembered.
+    session_name_template: Option<String>,
+    rules: ContainerRules,
+    aliases: BTreeMap<String, RoleArn>,
+    index: Option<Index>,
+    /// Resolution is pure given the caller's container, so its result per address is remembered,
+    /// together with the container incarnation it was computed for.
     memo: RwLock<HashMap<IpAddr, Arc<Workload>>>,
 }
 
@@ -155,9 +236,20 @@ impl Identity {
                 Err(e) => problems.push(format!("role mapping file key {key:?}: {e}")),
             }
         }
-        check_session_name_template(&config.session_name_template)
-            .map_err(|e| problems.push(format!("session name template: {e}")))
-            .ok();
+        let mut aliases = BTreeMap::new();
+        for (alias, spec) in &config.containers.aliases {
+            match spec.resolve(&accounts) {
+                Ok(arn) => {
+                    aliases.insert(alias.clone(), arn);
+                }
+                Err(e) => problems.push(format!("role_aliases.{alias}: {e}")),
+            }
+        }
+        if let Some(t) = &config.session_name_template {
+            check_session_name_template(t)
+                .map_err(|e| problems.push(format!("session name template: {e}")))
+                .ok();
+        }
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -167,25 +259,106 @@ impl Identity {
             mapping,
             raw_mapping: config.mapping,
             session_name_template: config.session_name_template,
+            rules: config.containers,
+            aliases,
+            index: None,
             memo: RwLock::new(HashMap::new()),
         })
+    }
+
+    /// Tells containers apart through `index` from now on.
+    pub fn attach_index(&mut self, index: Index) {
+        self.index = Some(index);
     }
 
     pub fn accounts(&self) -> &AccountContext {
         &self.accounts
     }
 
-    pub fn default_role(&self) -> Option<&role::RoleArn> {
+    pub fn default_role(&self) -> Option<&RoleArn> {
         self.default_role.as_ref()
     }
 
-    /// The workload calling from `ip`.
+    pub fn rules(&self) -> &ContainerRules {
+        &self.rules
+    }
+
+    /// The workload calling from `ip`. Waits (bounded) only for an address that may belong to a
+    /// container the index has not heard of yet.
     pub async fn resolve(&self, ip: IpAddr) -> Arc<Workload> {
         let ip = ip.to_canonical();
-        if let Some(w) = self.memo.read().unwrap_or_else(|e| e.into_inner()).get(&ip) {
+        let Some(index) = &self.index else {
+            return self.memoised(ip, None);
+        };
+        // Loopback traffic never comes from a container's network namespace.
+        if ip.is_loopback() {
+            return self.memoised(ip, None);
+        }
+        // The fast path: a synced index that knows the caller.
+        if index.is_ready()
+            && let Some(c) = index.lookup(ip)
+        {
+            return self.memoised(ip, Some(c));
+        }
+        match index
+            .lookup_or_wait(ip, self.rules.unknown_caller_wait)
+            .await
+        {
+            Lookup::Container(c) => self.memoised(ip, Some(c)),
+            Lookup::NotAContainer => self.memoised(ip, None),
+            Lookup::UnknownContainer => {
+                tracing::debug!(caller = %ip, "no running container has this address: no role");
+                Arc::new(Workload {
+                    ip,
+                    binding: format!("unknown:{ip}"),
+                    container: None,
+                    role: RoleState::None,
+                })
+            }
+            Lookup::NotSynced => Arc::new(Workload {
+                ip,
+                binding: format!("pending:{ip}"),
+                container: None,
+                role: RoleState::Pending,
+            }),
+        }
+    }
+
+    /// The workload of a container, without waiting: for prefetching when it starts.
+    pub fn container_workload(&self, c: &Arc<Container>) -> Option<Arc<Workload>> {
+        let ip = c.addresses.first()?.to_canonical();
+        Some(self.memoised(ip, Some(c.clone())))
+    }
+
+    /// Forgets what was remembered for a container that stopped.
+    pub fn forget(&self, c: &Container) {
+        let mut memo = self.memo.write().unwrap_or_else(|e| e.into_inner());
+        for ip in &c.addresses {
+            let ip = ip.to_canonical();
+            if memo
+                .get(&ip)
+                .is_some_and(|w| w.container.as_ref().is_some_and(|k| k.id == c.id))
+            {
+                memo.remove(&ip);
+            }
+        }
+    }
+
+    fn memoised(&self, ip: IpAddr, container: Option<Arc<Container>>) -> Arc<Workload> {
+        let same = |w: &Workload| match (&w.container, &container) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            _ => false,
+        };
+        if let Some(w) = self.memo.read().unwrap_or_else(|e| e.into_inner()).get(&ip)
+            && same(w)
+        {
             return w.clone();
         }
-        let workload = Arc::new(self.resolve_static(ip));
+        let workload = Arc::new(match container {
+            Some(c) => self.resolve_container(ip, c),
+            None => self.resolve_static(ip),
+        });
         let mut memo = self.memo.write().unwrap_or_else(|e| e.into_inner());
         if memo.len() >= MEMO_LIMIT {
             memo.clear();
@@ -207,38 +380,111 @@ impl Identity {
             .collect()
     }
 
+    fn session_name(&self, ip: IpAddr, container: Option<&Container>) -> String {
+        let template = self
+            .session_name_template
+            .as_deref()
+            .unwrap_or(match container {
+                Some(_) => DEFAULT_CONTAINER_SESSION_NAME_TEMPLATE,
+                None => DEFAULT_SESSION_NAME_TEMPLATE,
+            });
+        render_session_name(template, ip, container)
+    }
+
+    /// The operator's fallbacks: the mapping file, then the default role.
+    fn fallback(
+        &self,
+        ip: IpAddr,
+        container: Option<&Container>,
+    ) -> Option<(AssumeRequest, RoleOrigin)> {
+        if let Some((key, mapped)) = self.raw_mapping.lookup(ip) {
+            let (_, _, arn) = self.mapping.iter().find(|(k, _, _)| k == key)?;
+            let mut request = AssumeRequest::new(
+                arn.clone(),
+                mapped
+                    .session_name
+                    .clone()
+                    .unwrap_or_else(|| self.session_name(ip, container)),
+            );
+            request.external_id = mapped.external_id.clone();
+            return Some((request, RoleOrigin::MappingFile(key.to_string())));
+        }
+        let arn = self.default_role.as_ref()?;
+        Some((
+            AssumeRequest::new(arn.clone(), self.session_name(ip, container)),
+            RoleOrigin::DefaultRole,
+        ))
+    }
+
     fn resolve_static(&self, ip: IpAddr) -> Workload {
-        let binding = format!("ip:{ip}");
-        let role = if let Some((key, mapped)) = self.raw_mapping.lookup(ip) {
-            self.mapping
-                .iter()
-                .find(|(k, _, _)| k == key)
-                .map(|(_, _, arn)| {
-                    let mut request = AssumeRequest::new(
-                        arn.clone(),
-                        mapped.session_name.clone().unwrap_or_else(|| {
-                            render_session_name(&self.session_name_template, ip)
-                        }),
+        Workload {
+            ip,
+            binding: format!("ip:{ip}"),
+            container: None,
+            role: RoleState::granted(self.fallback(ip, None)),
+        }
+    }
+
+    fn resolve_container(&self, ip: IpAddr, c: Arc<Container>) -> Workload {
+        Workload {
+            ip,
+            binding: c.binding(),
+            role: self.container_role(ip, &c),
+            container: Some(c),
+        }
+    }
+
+    fn container_role(&self, ip: IpAddr, c: &Container) -> RoleState {
+        let rules = &self.rules;
+        let mut granted = match container::requested(rules, c) {
+            Some(req) => match container::decide(rules, &self.aliases, &self.accounts, &req) {
+                Decision::Grant { arn, alias } => {
+                    let origin = match alias {
+                        Some(a) => RoleOrigin::Alias(a),
+                        None => RoleOrigin::Container(req.from.describe()),
+                    };
+                    Some((
+                        AssumeRequest::new(arn, self.session_name(ip, Some(c))),
+                        origin,
+                    ))
+                }
+                Decision::Refuse { code, message } => {
+                    let written = req.value.rsplit(['/', ':']).next().unwrap_or_default();
+                    return RoleState::refused(
+                        sanitise_session_name(written, "invalid-role"),
+                        code,
+                        message,
                     );
-                    request.external_id = mapped.external_id.clone();
-                    RoleState::Assigned(Arc::new(Assignment {
-                        request: Arc::new(request),
-                        origin: RoleOrigin::MappingFile(key.to_string()),
-                    }))
-                })
-                .unwrap_or(RoleState::None)
-        } else if let Some(arn) = &self.default_role {
-            RoleState::Assigned(Arc::new(Assignment {
-                request: Arc::new(AssumeRequest::new(
-                    arn.clone(),
-                    render_session_name(&self.session_name_template, ip),
-                )),
-                origin: RoleOrigin::DefaultRole,
-            }))
-        } else {
-            RoleState::None
+                }
+            },
+            None => self.fallback(ip, Some(c)),
         };
-        Workload { ip, binding, role }
+        if let Some((request, origin)) = granted.as_mut() {
+            // The container's own additions. A mapping-file entry's external id and session name
+            // are the operator's and win.
+            let from_mapping = matches!(origin, RoleOrigin::MappingFile(_));
+            if request.external_id.is_none() {
+                request.external_id = container::external_id(rules, c);
+            }
+            if let Some(policy) = container::policy(rules, c) {
+                if serde_json::from_str::<serde_json::Value>(&policy).is_err() {
+                    return RoleState::refused(
+                        request.role_arn.name().to_string(),
+                        "MalformedPolicyDocument",
+                        format!(
+                            "the container's session policy ({}.policy label or {} variable) is not JSON",
+                            rules.label_prefix,
+                            container::POLICY_ENV
+                        ),
+                    );
+                }
+                request.policy = Some(policy);
+            }
+            if !from_mapping && let Some(name) = container::session_key_value(rules, c) {
+                request.session_name = sanitise_session_name(&name, "imdsd");
+            }
+        }
+        RoleState::granted(granted)
     }
 }
 
@@ -259,7 +505,8 @@ mod tests {
             IdentityConfig {
                 default_role: default.map(|d| RoleSpec::parse(d).expect("spec")),
                 mapping: RoleMapping::parse(mapping).expect("mapping"),
-                session_name_template: DEFAULT_SESSION_NAME_TEMPLATE.into(),
+                session_name_template: None,
+                containers: ContainerRules::default(),
             },
             accounts(),
         )
@@ -312,12 +559,171 @@ mod tests {
             IdentityConfig {
                 default_role: Some(RoleSpec::parse("app@nowhere").expect("spec")),
                 mapping: RoleMapping::parse(r#"{"10.0.0.5": "x@elsewhere"}"#).expect("mapping"),
-                session_name_template: "{bogus}".into(),
+                session_name_template: Some("{bogus}".into()),
+                containers: ContainerRules::default(),
             },
             accounts(),
         )
         .expect_err("invalid");
         assert_eq!(err.len(), 3, "{err:?}");
+    }
+
+    fn ctr(id: &str, ip: &str, env: &[(&str, &str)], labels: &[(&str, &str)]) -> Container {
+        Container {
+            id: format!("{id:0<64}"),
+            name: format!("name-{id}"),
+            started_at: "2026-11-23T00:00:00Z".into(),
+            image: "app:1".into(),
+            addresses: vec![ip.parse().expect("ip")],
+            networks: vec!["net".into()],
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+        }
+    }
+
+    fn with_index(
+        default: Option<&str>,
+        rules: ContainerRules,
+    ) -> (Identity, crate::index::IndexWriter) {
+        let mut id = Identity::new(
+            IdentityConfig {
+                default_role: default.map(|d| RoleSpec::parse(d).expect("spec")),
+                mapping: RoleMapping::default(),
+                session_name_template: None,
+                containers: rules,
+            },
+            accounts(),
+        )
+        .expect("valid");
+        let (index, mut writer) = crate::index::index();
+        writer.set_networks(
+            vec!["172.18.0.0/16".parse().expect("net")],
+            vec!["172.18.0.1".parse().expect("ip")],
+        );
+        writer.apply(crate::index::Change::Replace(Vec::new()));
+        writer.set_ready();
+        id.attach_index(index);
+        (id, writer)
+    }
+
+    #[tokio::test]
+    async fn containers_get_their_own_role_and_strangers_get_none() {
+        let (id, mut w) = with_index(Some("fallback"), ContainerRules::default());
+        w.apply(crate::index::Change::Upsert(ctr(
+            "a",
+            "172.18.0.2",
+            &[("IAM_ROLE", "app-a"), ("IAM_EXTERNAL_ID", "x-1")],
+            &[],
+        )));
+        w.apply(crate::index::Change::Upsert(ctr(
+            "b",
+            "172.18.0.3",
+            &[],
+            &[],
+        )));
+        let a = id.resolve("172.18.0.2".parse().expect("ip")).await;
+        let assigned = a.role.assignment().expect("role");
+        assert_eq!(assigned.role_name(), "app-a");
+        assert_eq!(assigned.request.session_name, "name-a");
+        assert_eq!(assigned.request.external_id.as_deref(), Some("x-1"));
+        assert!(a.binding.starts_with("ctr:a"));
+        // No role of its own: the default role, under its own session name.
+        let b = id.resolve("172.18.0.3".parse().expect("ip")).await;
+        let assigned = b.role.assignment().expect("default");
+        assert_eq!(
+            (assigned.role_name(), assigned.request.session_name.as_str()),
+            ("fallback", "name-b")
+        );
+        // An address in a container network that no container owns: nothing, never the default.
+        let stranger = id.resolve("172.18.0.9".parse().expect("ip")).await;
+        assert!(matches!(stranger.role, RoleState::None));
+        // The gateway is the host: the default role.
+        let host = id.resolve("172.18.0.1".parse().expect("ip")).await;
+        assert_eq!(
+            host.role
+                .assignment()
+                .expect("default")
+                .request
+                .session_name,
+            "imdsd-172.18.0.1"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_incarnation_on_the_same_address_is_a_new_workload() {
+        let (id, mut w) = with_index(None, ContainerRules::default());
+        w.apply(crate::index::Change::Upsert(ctr(
+            "a",
+            "172.18.0.2",
+            &[("IAM_ROLE", "role-a")],
+            &[],
+        )));
+        let first = id.resolve("172.18.0.2".parse().expect("ip")).await;
+        w.apply(crate::index::Change::Remove {
+            id: format!("{:0<64}", "a"),
+        });
+        w.apply(crate::index::Change::Upsert(ctr(
+            "b",
+            "172.18.0.2",
+            &[("IAM_ROLE", "role-b")],
+            &[],
+        )));
+        let second = id.resolve("172.18.0.2".parse().expect("ip")).await;
+        assert_ne!(first.binding, second.binding);
+        assert_eq!(
+            second.role.assignment().expect("role").role_name(),
+            "role-b"
+        );
+    }
+
+    #[tokio::test]
+    async fn refusals_and_bad_policies_are_not_sent_to_sts() {
+        let rules = ContainerRules {
+            allowed_roles: vec!["app-*".into()],
+            ..ContainerRules::default()
+        };
+        let (id, mut w) = with_index(Some("fallback"), rules);
+        w.apply(crate::index::Change::Upsert(ctr(
+            "a",
+            "172.18.0.2",
+            &[("IAM_ROLE", "admin")],
+            &[],
+        )));
+        w.apply(crate::index::Change::Upsert(ctr(
+            "b",
+            "172.18.0.3",
+            &[("IAM_ROLE", "app-b"), ("IAM_POLICY", "{not json")],
+            &[],
+        )));
+        let a = id.resolve("172.18.0.2".parse().expect("ip")).await;
+        assert!(
+            matches!(&a.role, RoleState::Refused(r) if r.code == "AccessDenied" && r.name == "admin"),
+            "{:?}",
+            a.role
+        );
+        let b = id.resolve("172.18.0.3".parse().expect("ip")).await;
+        assert!(
+            matches!(&b.role, RoleState::Refused(r) if r.code == "MalformedPolicyDocument"),
+            "{:?}",
+            b.role
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn before_the_first_sync_roles_are_pending_except_on_loopback() {
+        let mut id = identity(Some("fallback"), "{}");
+        let (index, _writer) = crate::index::index();
+        id.attach_index(index);
+        let w = id.resolve("172.18.0.2".parse().expect("ip")).await;
+        assert!(matches!(w.role, RoleState::Pending));
+        let local = id.resolve("127.0.0.1".parse().expect("ip")).await;
+        assert!(local.role.assignment().is_some());
     }
 
     #[test]
@@ -327,7 +733,7 @@ mod tests {
         assert!(check_session_name_template("a{ip").is_err());
         assert!(check_session_name_template("a}").is_err());
         assert_eq!(
-            render_session_name("x-{ip}", "fd00::1".parse().expect("ip")),
+            render_session_name("x-{ip}", "fd00::1".parse().expect("ip"), None),
             "x-fd00--1"
         );
     }

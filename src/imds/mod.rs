@@ -21,7 +21,7 @@ use http::{Method, Request, Response, StatusCode};
 use crate::clock::{SharedClock, format_iso8601};
 use crate::credentials::SourceError;
 use crate::credentials::broker::{Broker, FetchError, Served};
-use crate::identity::{Assignment, Identity, Workload};
+use crate::identity::{Assignment, Identity, Refusal, RoleState, Workload};
 use path::MetadataPath;
 use response::{
     ALLOW_METADATA, ALLOW_TOKEN, Body, ContentType, Responder, TOKEN_HEADER, TOKEN_TTL_HEADER,
@@ -77,14 +77,15 @@ pub struct Imds {
 /// What the handler decided, for the request log.
 struct Outcome {
     response: Response<Body>,
-    role: Option<Arc<Assignment>>,
+    /// Who asked, once known.
+    workload: Option<Arc<Workload>>,
 }
 
 impl From<Response<Body>> for Outcome {
     fn from(response: Response<Body>) -> Self {
         Outcome {
             response,
-            role: None,
+            workload: None,
         }
     }
 }
@@ -118,13 +119,22 @@ impl Imds {
         let started = tokio::time::Instant::now();
         let outcome = self.route(&request, caller).await;
         let status = outcome.response.status();
-        let role = outcome.role.as_ref().map(|a| a.request.role_arn.as_str());
+        let workload = outcome.workload.as_deref();
+        let container = workload.and_then(|w| w.container.as_deref());
+        let (role, refused) = match workload.map(|w| &w.role) {
+            Some(RoleState::Assigned(a)) => (Some(a.request.role_arn.as_str()), None),
+            Some(RoleState::Refused(r)) => (None, Some(r.code)),
+            _ => (None, None),
+        };
         tracing::info!(
             target: "imdsd::access",
             method = %request.method(),
             path = request.uri().path(),
             caller = %caller,
+            container = container.map(|c| c.name.as_str()),
+            container_id = container.map(|c| c.short_id()),
             role,
+            refused,
             status = status.as_u16(),
             micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             agent = request
@@ -192,6 +202,7 @@ impl Imds {
         };
 
         let mut outcome = self.serve(&path, &workload).await;
+        outcome.workload = Some(workload);
         if let Some(left) = token_ttl {
             outcome
                 .response
@@ -242,7 +253,8 @@ impl Imds {
             MetadataPath::Versioned { rest, .. } => rest.as_str(),
         };
         if rest == "meta-data" {
-            let with_iam = workload.role.assignment().is_some();
+            let with_iam = workload.role.listed_name().is_some()
+                || matches!(workload.role, RoleState::Pending);
             return r
                 .ok(
                     self.tree.meta_data_listing(with_iam),
@@ -266,10 +278,17 @@ impl Imds {
     /// `meta-data/iam/…`: present only for callers with a role.
     async fn serve_iam(&self, sub: &str, workload: &Workload) -> Outcome {
         let r = &self.responder;
-        let Some(assignment) = workload.role.assignment() else {
-            return r.error(StatusCode::NOT_FOUND).into();
+        let assignment = match &workload.role {
+            RoleState::Assigned(a) => a,
+            RoleState::None => return r.error(StatusCode::NOT_FOUND).into(),
+            RoleState::Pending => {
+                tracing::warn!(caller = %workload.ip, "answering 503: the container index has not synced with the Docker Engine yet");
+                return r.error(StatusCode::SERVICE_UNAVAILABLE).into();
+            }
+            RoleState::Refused(refusal) => {
+                return self.serve_refusal(sub, workload, refusal).into();
+            }
         };
-        let role = Some(assignment.clone());
         let response = match sub.split_once('/') {
             None if sub.is_empty() => r.ok(
                 Bytes::from_static(b"info\nsecurity-credentials/"),
@@ -283,14 +302,50 @@ impl Imds {
                 None,
             ),
             Some(("security-credentials", name)) if name == assignment.role_name() => {
-                return Outcome {
-                    response: self.serve_credentials(assignment).await,
-                    role,
-                };
+                self.serve_credentials(assignment).await
             }
             _ => r.error(StatusCode::NOT_FOUND),
         };
-        Outcome { response, role }
+        response.into()
+    }
+
+    /// The `iam/` subtree of a caller whose role request was refused: the role is listed, and
+    /// its credentials document carries the error, as EC2 reports a role it cannot assume.
+    fn serve_refusal(&self, sub: &str, workload: &Workload, refusal: &Refusal) -> Response<Body> {
+        let r = &self.responder;
+        let error_document = || {
+            let now = self.clock.now();
+            let body = response::pretty_object(&[
+                ("Code", response::json_str(refusal.code)),
+                ("Message", response::json_str(&refusal.message)),
+                ("LastUpdated", response::json_str(&format_iso8601(now))),
+            ]);
+            r.ok(Bytes::from(body), ContentType::Text, Some(now))
+        };
+        match sub.split_once('/') {
+            None if sub.is_empty() => r.ok(
+                Bytes::from_static(b"info\nsecurity-credentials/"),
+                ContentType::Text,
+                None,
+            ),
+            None if sub == "info" => error_document(),
+            None if sub == "security-credentials" => {
+                r.ok(Bytes::from(refusal.name.clone()), ContentType::Text, None)
+            }
+            Some(("security-credentials", name)) if name == refusal.name => {
+                let container = workload.container.as_deref();
+                tracing::warn!(
+                    caller = %workload.ip,
+                    container = container.map(|c| c.name.as_str()),
+                    container_id = container.map(|c| c.short_id()),
+                    code = refusal.code,
+                    reason = %refusal.message,
+                    "refused a role request"
+                );
+                error_document()
+            }
+            _ => r.error(StatusCode::NOT_FOUND),
+        }
     }
 
     async fn serve_credentials(&self, assignment: &Assignment) -> Response<Body> {

@@ -1,0 +1,509 @@
+//! The Docker Engine watcher: mirrors running containers into the [`crate::index`] and keeps it
+//! current. The only module that uses `bollard`.
+//!
+//! Each session with the engine:
+//! 1. reads the engine's clock (`/info`), so that no event can fall between the listing and the
+//!    subscription: events are requested `since` that moment and replayed by the engine;
+//! 2. lists the networks (their subnets tell container callers from the host) and the running
+//!    containers, inspects the ones the index does not already know, and swaps the result in;
+//! 3. applies events: a container that dies or is destroyed is removed at once, without a round
+//!    trip; a start, rename, update, or network (dis)connect is re-inspected; a periodic resync
+//!    repairs anything missed.
+//!
+//! When the engine goes away the session ends and the index stops being authoritative: while the
+//! watcher cannot see events, a container may die and another take its address, so callers get a
+//! retryable 503 rather than a possibly stale role. The watcher reconnects with a short backoff and
+//! a full sync makes the index authoritative again.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum};
+use bollard::query_parameters::{EventsOptions, ListContainersOptions, ListNetworksOptions};
+use futures::StreamExt as _;
+use ipnet::IpNet;
+use tokio_util::sync::CancellationToken;
+
+use crate::index::{Change, Container, Index, IndexWriter};
+
+/// How to reach the engine and what to keep.
+#[derive(Debug, Clone)]
+pub struct DockerOptions {
+    /// `unix:///var/run/docker.sock`, `tcp://host:2375` or `http://host:2375`.
+    pub host: String,
+    /// Full resync interval.
+    pub resync_every: Duration,
+    /// Environment variables copied from containers into the index (the rest are not kept).
+    pub env_keys: Vec<String>,
+    /// Only containers on these networks are served; `None` serves all.
+    pub networks: Option<Vec<String>>,
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default)]
+pub struct DockerStats {
+    /// Every call made to the engine.
+    pub api_calls: AtomicU64,
+    pub inspects: AtomicU64,
+    pub lists: AtomicU64,
+    pub events_applied: AtomicU64,
+    /// Sessions that ended with an error (the engine went away, the stream broke).
+    pub reconnects: AtomicU64,
+    pub connected: AtomicBool,
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Docker(#[from] bollard::errors::Error),
+    #[error("the event stream ended")]
+    StreamEnded,
+    #[error("{0}")]
+    Config(String),
+}
+
+const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Mirrors the engine into an index until shut down.
+pub struct Watcher {
+    options: DockerOptions,
+    writer: IndexWriter,
+    stats: Arc<DockerStats>,
+}
+
+impl Watcher {
+    pub fn new(options: DockerOptions, writer: IndexWriter) -> Self {
+        Self {
+            options,
+            writer,
+            stats: Arc::new(DockerStats::default()),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<DockerStats> {
+        self.stats.clone()
+    }
+
+    pub fn index(&self) -> Index {
+        self.writer.reader()
+    }
+
+    /// Runs sessions until `shutdown`, reconnecting with backoff (0.25 s doubling to 5 s, reset
+    /// after a session that got as far as a full sync). The cap is low because callers are not
+    /// served from the index while it is disconnected.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = INITIAL_BACKOFF;
+        loop {
+            let synced = tokio::select! {
+                () = shutdown.cancelled() => return,
+                outcome = self.session() => outcome,
+            };
+            let was_connected = self.stats.connected.swap(false, Ordering::AcqRel);
+            self.writer.set_unready();
+            self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            if let Err((e, reached_sync)) = synced {
+                if reached_sync {
+                    backoff = INITIAL_BACKOFF;
+                }
+                if was_connected || backoff == INITIAL_BACKOFF {
+                    tracing::warn!(
+                        docker = %self.options.host,
+                        error = %e,
+                        retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                        "cannot follow the Docker Engine; container callers get 503 until it is back"
+                    );
+                } else {
+                    tracing::debug!(docker = %self.options.host, error = %e, "still cannot reach the Docker Engine");
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// One connection: sync, then follow events. Returns the error and whether a sync happened.
+    async fn session(&mut self) -> Result<(), (SessionError, bool)> {
+        let docker = self.connect().await.map_err(|e| (e, false))?;
+        self.count(1);
+        let since = docker
+            .info()
+            .await
+            .ok()
+            .and_then(|info| info.system_time)
+            .and_then(|t| humantime::parse_rfc3339_weak(t.get(..19).unwrap_or(&t)).ok())
+            .map(crate::clock::unix_seconds)
+            // The engine's clock is the one that matters, but without it ours is close enough.
+            .unwrap_or_else(|| crate::clock::unix_seconds(std::time::SystemTime::now()))
+            .saturating_sub(2)
+            .to_string();
+
+        let filters: HashMap<String, Vec<String>> = [
+            (
+                "type".to_string(),
+                vec!["container".into(), "network".into()],
+            ),
+            (
+                "event".to_string(),
+                [
+                    "start",
+                    "die",
+                    "destroy",
+                    "rename",
+                    "update",
+                    "connect",
+                    "disconnect",
+                    "create",
+                ]
+                .iter()
+                .map(|s| (*s).to_string())
+                .collect(),
+            ),
+        ]
+        .into();
+        let mut events = docker.events(Some(EventsOptions {
+            since: Some(since),
+            until: None,
+            filters: Some(filters),
+        }));
+        self.count(1);
+
+        self.full_sync(&docker, false)
+            .await
+            .map_err(|e| (e, false))?;
+        self.stats.connected.store(true, Ordering::Release);
+        self.writer.set_ready();
+        tracing::info!(
+            docker = %self.options.host,
+            containers = self.writer.reader().len(),
+            "following the Docker Engine"
+        );
+
+        let mut resync = tokio::time::interval(self.options.resync_every);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.tick().await;
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(Ok(event)) => {
+                        self.stats.events_applied.fetch_add(1, Ordering::Relaxed);
+                        self.apply_event(&docker, event).await.map_err(|e| (e, true))?;
+                    }
+                    Some(Err(e)) => return Err((e.into(), true)),
+                    None => return Err((SessionError::StreamEnded, true)),
+                },
+                _ = resync.tick() => self.full_sync(&docker, true).await.map_err(|e| (e, true))?,
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Docker, SessionError> {
+        let host = self.options.host.as_str();
+        let docker = if let Some(path) = host.strip_prefix("unix://") {
+            Docker::connect_with_unix(path, 30, bollard::API_DEFAULT_VERSION)?
+        } else if host.starts_with("tcp://") || host.starts_with("http://") {
+            Docker::connect_with_http(
+                &host.replacen("tcp://", "http://", 1),
+                30,
+                bollard::API_DEFAULT_VERSION,
+            )?
+        } else {
+            return Err(SessionError::Config(format!(
+                "{host:?} is not a Docker host URL (unix:///path, tcp://host:port or http://host:port)"
+            )));
+        };
+        // Speak the engine's own API version, so old engines (API 1.41) work.
+        Ok(docker.negotiate_version().await?)
+    }
+
+    fn count(&self, calls: u64) {
+        self.stats.api_calls.fetch_add(calls, Ordering::Relaxed);
+    }
+
+    /// Lists networks and containers and replaces the index. With `reuse`, containers already
+    /// indexed with the same addresses are not inspected again (a periodic resync while events
+    /// flowed); after a (re)connect everything is inspected, since a container may have restarted
+    /// unseen and a new incarnation must get a new binding.
+    async fn full_sync(&mut self, docker: &Docker, reuse: bool) -> Result<(), SessionError> {
+        self.refresh_networks(docker).await?;
+        self.count(1);
+        self.stats.lists.fetch_add(1, Ordering::Relaxed);
+        let running = docker
+            .list_containers(Some(ListContainersOptions {
+                all: false,
+                ..Default::default()
+            }))
+            .await?;
+        let index = self.writer.reader();
+        let mut containers = Vec::with_capacity(running.len());
+        for summary in running {
+            let Some(id) = summary.id else { continue };
+            let listed: HashSet<IpAddr> = summary
+                .network_settings
+                .and_then(|n| n.networks)
+                .unwrap_or_default()
+                .iter()
+                .filter(|(name, _)| self.serves_network(name))
+                .flat_map(|(_, endpoint)| endpoint_addresses(endpoint))
+                .collect();
+            if reuse
+                && let Some(known) = index.get(&id)
+                && known.addresses.iter().copied().collect::<HashSet<_>>() == listed
+            {
+                containers.push((*known).clone());
+                continue;
+            }
+            if let Some(c) = self.inspect(docker, &id).await? {
+                containers.push(c);
+            }
+        }
+        self.writer.apply(Change::Replace(containers));
+        Ok(())
+    }
+
+    fn serves_network(&self, name: &str) -> bool {
+        self.options
+            .networks
+            .as_ref()
+            .is_none_or(|served| served.iter().any(|n| n == name))
+    }
+
+    async fn refresh_networks(&mut self, docker: &Docker) -> Result<(), SessionError> {
+        self.count(1);
+        let networks = docker.list_networks(None::<ListNetworksOptions>).await?;
+        let mut subnets = Vec::new();
+        let mut gateways = Vec::new();
+        for n in networks {
+            for cfg in n.ipam.and_then(|i| i.config).unwrap_or_default() {
+                if let Some(subnet) = cfg.subnet.as_deref().and_then(|s| s.parse::<IpNet>().ok()) {
+                    subnets.push(subnet);
+                }
+                if let Some(gw) = cfg
+                    .gateway
+                    .as_deref()
+                    .and_then(|g| g.parse::<IpAddr>().ok())
+                {
+                    gateways.push(gw);
+                }
+            }
+        }
+        self.writer.set_networks(subnets, gateways);
+        Ok(())
+    }
+
+    async fn apply_event(
+        &mut self,
+        docker: &Docker,
+        event: EventMessage,
+    ) -> Result<(), SessionError> {
+        let action = event.action.as_deref().unwrap_or_default();
+        let attributes = event.actor.as_ref().and_then(|a| a.attributes.as_ref());
+        match event.typ {
+            Some(EventMessageTypeEnum::CONTAINER) => {
+                let Some(id) = event.actor.as_ref().and_then(|a| a.id.clone()) else {
+                    return Ok(());
+                };
+                match action {
+                    // Removal needs no round trip: the sooner a dead container's addresses are
+                    // released, the smaller the window in which a new one could be mistaken for it.
+                    "die" | "destroy" => self.writer.apply(Change::Remove { id }),
+                    "start" | "rename" | "update" => self.reinspect(docker, &id).await?,
+                    _ => {}
+                }
+            }
+            Some(EventMessageTypeEnum::NETWORK) => match action {
+                "connect" | "disconnect" => {
+                    if let Some(id) = attributes.and_then(|a| a.get("container")) {
+                        self.reinspect(docker, &id.clone()).await?;
+                    }
+                }
+                "create" | "destroy" => self.refresh_networks(docker).await?,
+                _ => {}
+            },
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn reinspect(&mut self, docker: &Docker, id: &str) -> Result<(), SessionError> {
+        match self.inspect(docker, id).await? {
+            Some(c) => self.writer.apply(Change::Upsert(c)),
+            None => self.writer.apply(Change::Remove { id: id.to_string() }),
+        }
+        Ok(())
+    }
+
+    /// The container if it is running (and on a served network), `None` if it is not.
+    async fn inspect(&self, docker: &Docker, id: &str) -> Result<Option<Container>, SessionError> {
+        self.count(1);
+        self.stats.inspects.fetch_add(1, Ordering::Relaxed);
+        match docker.inspect_container(id, None).await {
+            Ok(details) => Ok(to_container(details, &self.options)),
+            // Gone between the event and the inspect.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn endpoint_addresses(e: &bollard::models::EndpointSettings) -> Vec<IpAddr> {
+    [e.ip_address.as_deref(), e.global_ipv6_address.as_deref()]
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// Converts an inspect response into what the index keeps.
+fn to_container(details: ContainerInspectResponse, options: &DockerOptions) -> Option<Container> {
+    let state = details.state?;
+    if state.running != Some(true) || state.restarting == Some(true) {
+        return None;
+    }
+    let id = details.id?;
+    let config = details.config.unwrap_or_default();
+    let mut addresses = Vec::new();
+    let mut networks = Vec::new();
+    let mut endpoints: Vec<(String, bollard::models::EndpointSettings)> = details
+        .network_settings
+        .and_then(|n| n.networks)
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    endpoints.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, endpoint) in endpoints {
+        if let Some(allowed) = &options.networks
+            && !allowed.contains(&name)
+        {
+            continue;
+        }
+        addresses.extend(endpoint_addresses(&endpoint));
+        networks.push(name);
+    }
+    if options.networks.is_some() && networks.is_empty() {
+        return None;
+    }
+    let env: BTreeMap<String, String> = config
+        .env
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            options
+                .env_keys
+                .iter()
+                .any(|key| key == k)
+                .then(|| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    Some(Container {
+        id,
+        name: details
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string(),
+        started_at: state.started_at.unwrap_or_default(),
+        image: config.image.unwrap_or_default(),
+        addresses,
+        networks,
+        labels: config.labels.unwrap_or_default().into_iter().collect(),
+        env,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bollard::models::{ContainerConfig, ContainerState, EndpointSettings, NetworkSettings};
+
+    fn details(running: bool, networks: &[(&str, &str)]) -> ContainerInspectResponse {
+        ContainerInspectResponse {
+            id: Some("f".repeat(64)),
+            name: Some("/web_1".into()),
+            state: Some(ContainerState {
+                running: Some(running),
+                started_at: Some("2026-01-01T00:00:00.1Z".into()),
+                ..Default::default()
+            }),
+            config: Some(ContainerConfig {
+                image: Some("app:1".into()),
+                env: Some(vec![
+                    "IAM_ROLE=app".into(),
+                    "SECRET=x".into(),
+                    "PATH=/bin".into(),
+                ]),
+                labels: Some([("imdsd.role".to_string(), "lbl".to_string())].into()),
+                ..Default::default()
+            }),
+            network_settings: Some(NetworkSettings {
+                networks: Some(
+                    networks
+                        .iter()
+                        .map(|(name, ip)| {
+                            (
+                                (*name).to_string(),
+                                EndpointSettings {
+                                    ip_address: Some((*ip).to_string()),
+                                    global_ipv6_address: Some(String::new()),
+                                    ..Default::default()
+                                },
+                            )
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn options(networks: Option<Vec<String>>) -> DockerOptions {
+        DockerOptions {
+            host: "unix:///var/run/docker.sock".into(),
+            resync_every: Duration::from_secs(60),
+            env_keys: vec!["IAM_ROLE".into()],
+            networks,
+        }
+    }
+
+    #[test]
+    fn only_the_variables_imdsd_reads_are_kept() {
+        let c =
+            to_container(details(true, &[("net", "172.18.0.2")]), &options(None)).expect("running");
+        assert_eq!(c.name, "web_1");
+        assert_eq!(c.env.len(), 1);
+        assert_eq!(c.env["IAM_ROLE"], "app");
+        assert_eq!(c.labels["imdsd.role"], "lbl");
+        assert_eq!(
+            c.addresses,
+            vec!["172.18.0.2".parse::<IpAddr>().expect("ip")]
+        );
+    }
+
+    #[test]
+    fn stopped_containers_are_not_indexed() {
+        assert!(to_container(details(false, &[("net", "172.18.0.2")]), &options(None)).is_none());
+    }
+
+    #[test]
+    fn the_network_filter_keeps_only_served_networks() {
+        let d = details(true, &[("served", "172.18.0.2"), ("other", "172.19.0.2")]);
+        let c =
+            to_container(d, &options(Some(vec!["served".into()]))).expect("on a served network");
+        assert_eq!(c.networks, vec!["served".to_string()]);
+        assert_eq!(c.addresses.len(), 1);
+        let d = details(true, &[("other", "172.19.0.2")]);
+        assert!(to_container(d, &options(Some(vec!["served".into()]))).is_none());
+    }
+}
