@@ -11,16 +11,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{Process, raw, run_python};
-use sts_support::{Behaviour, Moto, ScriptedSts, get_from};
-
-const OPERATOR_ENV: &[(&str, &str)] = &[
-    ("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE"),
-    (
-        "AWS_SECRET_ACCESS_KEY",
-        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
-    ),
-    ("AWS_REGION", "us-east-1"),
-];
+use sts_support::{Behaviour, Moto, OPERATOR_ENV, ScriptedSts, get_from};
 
 /// Starts the daemon against `sts` with the operator's static keys.
 fn daemon(sts: &str, args: &[&str]) -> (Process, tempfile::TempDir) {

@@ -23,6 +23,9 @@ pub struct Daemon {
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
     pub app_broker: imdsd::credentials::broker::Broker,
+    /// The container index and the Docker watcher's counters, when following an engine.
+    pub index: Option<imdsd::index::Index>,
+    pub docker_stats: Option<Arc<imdsd::docker::DockerStats>>,
 }
 
 impl Daemon {
@@ -33,18 +36,29 @@ impl Daemon {
     }
 
     pub async fn start_with_state(args: &[&str], state_dir: tempfile::TempDir) -> Daemon {
+        Self::start_on("127.0.0.1:0", args, state_dir).await
+    }
+
+    /// Starts the daemon listening on `listen` (e.g. a test network's gateway, port 0).
+    pub async fn start_on(listen: &str, args: &[&str], state_dir: tempfile::TempDir) -> Daemon {
         let state = state_dir.path().to_str().expect("utf8").to_string();
-        let mut full = vec!["imdsd", "--listen", "127.0.0.1:0", "--state-dir", &state];
+        let mut full = vec!["imdsd", "--listen", listen, "--state-dir", &state];
+        // Tests that are not about containers must not see the machine's containers.
+        if !args.contains(&"--docker-host") {
+            full.extend_from_slice(&["--docker-host", "none"]);
+        }
         full.extend_from_slice(args);
         let env = |k: &str| std::env::var(k).ok();
         let config = match config::parse(full, &env) {
             Ok(Parsed::Run(c)) => *c,
-            Ok(Parsed::Info(i)) => panic!("unexpected info output: {i}"),
+            Ok(other) => panic!("unexpected parse outcome: {other:?}"),
             Err(e) => panic!("bad test configuration: {e}"),
         };
         let app = App::build(config).await.expect("daemon starts");
         let addr = app.local_addrs()[0];
         let app_broker = app.broker().clone();
+        let index = app.index().cloned();
+        let docker_stats = app.docker_stats().cloned();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(app.run(shutdown.clone()));
         Daemon {
@@ -53,6 +67,8 @@ impl Daemon {
             shutdown,
             task: Some(task),
             app_broker,
+            index,
+            docker_stats,
         }
     }
 
@@ -287,6 +303,9 @@ impl Process {
         let mut cmd = aws_clean_command(Path::new(env!("CARGO_BIN_EXE_imdsd")));
         cmd.args(["--log-format", "json"])
             .args(args)
+            // Tests that are not about containers must not see the machine's containers.
+            .env("DOCKER_HOST", "none")
+            .env_remove("DOCKER_URL")
             .envs(env.iter().copied())
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .stdin(Stdio::null())

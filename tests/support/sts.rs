@@ -17,6 +17,16 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
+/// The operator's own identity in the daemon's environment: static keys that moto accepts.
+pub const OPERATOR_ENV: &[(&str, &str)] = &[
+    ("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE"),
+    (
+        "AWS_SECRET_ACCESS_KEY",
+        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    ),
+    ("AWS_REGION", "us-east-1"),
+];
+
 /// moto's server on a free loopback port, stopped when dropped.
 pub struct Moto {
     pub url: String,
@@ -25,24 +35,22 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Moto {
+        Self::start_on("127.0.0.1")
+    }
+
+    /// moto on `host` (e.g. a test network's gateway, so that containers can reach it).
+    pub fn start_on(host: &str) -> Moto {
         let python = super::common::python();
         let port = free_port();
         let child = Command::new(&python)
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
+            .args(["-m", "moto.server", "-H", host, "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start moto's server from the test venv");
-        let url = format!("http://127.0.0.1:{port}");
+        let url = format!("http://{host}:{port}");
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((host, port)).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "moto's server did not start on {url}"

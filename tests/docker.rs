@@ -1,0 +1,547 @@
+//! Per-container roles end to end (issue 4), on the machine's real Docker Engine: real containers
+//! on link-local test networks, the daemon listening on the network's gateway (host mode), the
+//! Rust SDK's IMDS client inside each container (`imdsd probe`), and moto as STS.
+//!
+//! These tests fail, never skip, when Docker is unavailable. Each creates its own network and
+//! removes every container and network it made, also when it fails.
+
+mod common;
+#[path = "support/docker.rs"]
+mod docker;
+#[path = "support/sts.rs"]
+mod sts_support;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Process};
+use docker::{RunOpts, TestContainer, TestNetwork, run_to_completion};
+use serde_json::Value;
+use sts_support::OPERATOR_ENV;
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The probe's JSON line in a container's output.
+fn probe_output(logs: &str) -> Value {
+    logs.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .unwrap_or_else(|| panic!("no probe output in the container's logs:\n{logs}"))
+}
+
+/// Polls `done` every 50 ms for up to `limit`.
+async fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A daemon in this process, serving `net` from its gateway with fake credentials.
+async fn fake_daemon(net: &TestNetwork, docker_host: &str, args: &[&str]) -> Daemon {
+    let mut all = vec![
+        "--fake-credentials",
+        "--docker-host",
+        docker_host,
+        "--networks",
+        &net.name,
+    ];
+    all.extend_from_slice(args);
+    let d = Daemon::start_on(
+        &format!("{}:0", net.gateway),
+        &all,
+        tempfile::tempdir().expect("tempdir"),
+    )
+    .await;
+    let index = d.index.clone().expect("the daemon follows Docker");
+    eventually(Duration::from_secs(20), "the first sync", || {
+        index.is_ready()
+    })
+    .await;
+    d
+}
+
+fn probe_args(endpoint: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["probe".to_string(), "--endpoint".into(), endpoint.into()];
+    args.extend(extra.iter().map(|s| (*s).to_string()));
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_containers_get_three_roles_checked_by_sts() {
+    docker::require_docker();
+    let net = TestNetwork::create("roles");
+    let gateway = net.gateway.to_string();
+    // moto on the gateway, so that the containers can check their credentials with it too.
+    let moto = sts_support::Moto::start_on(&gateway);
+    let state = tempfile::tempdir().expect("tempdir");
+    let config = tempfile::NamedTempFile::new().expect("tempfile");
+    std::fs::write(config.path(), "role_aliases = { gamma = \"role-c\" }\n").expect("write");
+    let process = Process::spawn(
+        &[
+            "--listen",
+            &format!("{gateway}:0"),
+            "--state-dir",
+            state.path().to_str().expect("utf8"),
+            "--sts-endpoint",
+            &moto.url,
+            "--docker-host",
+            "unix:///var/run/docker.sock",
+            "--networks",
+            &net.name,
+            "--config",
+            config.path().to_str().expect("utf8"),
+        ],
+        OPERATOR_ENV,
+    );
+    let addr = process
+        .addr
+        .unwrap_or_else(|| panic!("daemon did not start:\n{}", process.log_text()));
+    let endpoint = format!("http://{addr}");
+
+    // Each container names its role its own way, and asks the moment it starts.
+    let probe = probe_args(&endpoint, &["--sts"]);
+    let specs: [(&str, RunOpts); 3] = [
+        ("role-a", RunOpts::new(&net, "a").env("IAM_ROLE", "role-a")),
+        (
+            "role-b",
+            RunOpts::new(&net, "b").label("imdsd.role", "role-b@123456789012"),
+        ),
+        (
+            "role-c",
+            RunOpts::new(&net, "c").label("imdsd.role-alias", "gamma"),
+        ),
+    ];
+    let containers: Vec<(&str, TestContainer)> = specs
+        .into_iter()
+        .map(|(role, opts)| {
+            let opts = opts
+                .env("AWS_ENDPOINT_URL_STS", &moto.url)
+                .args(probe.clone());
+            (role, TestContainer::run(&opts))
+        })
+        .collect();
+    for (role, c) in &containers {
+        let exit = c.wait_exit(RUN_TIMEOUT);
+        let logs = c.logs();
+        assert_eq!(exit, 0, "{role}: {logs}\ndaemon:\n{}", process.log_text());
+        let out = probe_output(&logs);
+        assert_eq!(out["role"], *role, "{out}");
+        // STS itself says whose credentials these are: the role, with the container's name as the
+        // session name.
+        let arn = out["caller_arn"].as_str().expect("caller arn");
+        assert_eq!(
+            arn,
+            format!("arn:aws:sts::123456789012:assumed-role/{role}/{}", c.name),
+            "{out}"
+        );
+        // Started and asked at once: answered well within the SDKs' one-second timeout.
+        let elapsed = out["elapsed_ms"].as_u64().expect("elapsed");
+        eprintln!("{role}: credentials {elapsed} ms after the container started");
+        assert!(elapsed < 1000, "{role} waited {elapsed} ms: {out}");
+    }
+    let log = process.log_text();
+    for (_, c) in &containers {
+        assert!(
+            log.contains(&c.name) && log.contains(&c.id[..12]),
+            "the request log names the container {}:\n{log}",
+            c.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_container_without_a_role_gets_the_default_role_or_a_404() {
+    docker::require_docker();
+    let net = TestNetwork::create("norole");
+    let docker_host = "unix:///var/run/docker.sock";
+
+    let without = fake_daemon(&net, docker_host, &[]).await;
+    let listing = format!(
+        "http://{}/latest/meta-data/iam/security-credentials/",
+        without.addr
+    );
+    let (exit, logs) = run_to_completion(
+        &RunOpts::new(&net, "none")
+            .entrypoint("/bin/busybox")
+            .args(["wget", "-S", "-q", "-O", "-", &listing]),
+        RUN_TIMEOUT,
+    );
+    assert_ne!(exit, 0, "{logs}");
+    assert!(logs.contains("404"), "no role is a 404: {logs}");
+    drop(without);
+
+    let with = fake_daemon(&net, docker_host, &["--default-role", "fallback"]).await;
+    let (exit, logs) = run_to_completion(
+        &RunOpts::new(&net, "default").args(probe_args(&format!("http://{}", with.addr), &[])),
+        RUN_TIMEOUT,
+    );
+    assert_eq!(exit, 0, "{logs}");
+    assert_eq!(probe_output(&logs)["role"], "fallback");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_role_outside_the_allow_list_is_refused_without_an_sts_call() {
+    docker::require_docker();
+    let net = TestNetwork::create("allow");
+    let d = fake_daemon(
+        &net,
+        "unix:///var/run/docker.sock",
+        &["--allowed-roles", "app-*", "--default-role", "fallback"],
+    )
+    .await;
+    let url = format!(
+        "http://{}/latest/meta-data/iam/security-credentials/admin",
+        d.addr
+    );
+    let (exit, logs) = run_to_completion(
+        &RunOpts::new(&net, "escape")
+            .env("IAM_ROLE", "admin")
+            .entrypoint("/bin/busybox")
+            .args(["wget", "-q", "-O", "-", &url]),
+        RUN_TIMEOUT,
+    );
+    assert_eq!(exit, 0, "{logs}");
+    let doc: Value = serde_json::from_str(logs.trim()).unwrap_or_else(|e| panic!("{e}: {logs}"));
+    assert_eq!(doc["Code"], "AccessDenied", "{doc}");
+    assert!(
+        doc["Message"]
+            .as_str()
+            .expect("message")
+            .contains("role/admin"),
+        "{doc}"
+    );
+    assert!(
+        doc.get("AccessKeyId").is_none(),
+        "no credentials at all: {doc}"
+    );
+    // Nothing was fetched for it: the only cache entries are for allowed roles.
+    assert_eq!(d.app_broker.stats().misses, 0, "{:?}", d.app_broker.stats());
+
+    // The SDK reports the refusal instead of retrying; an allowed role works.
+    let endpoint = format!("http://{}", d.addr);
+    let (exit, logs) = run_to_completion(
+        &RunOpts::new(&net, "sdk-escape")
+            .env("IAM_ROLE", "admin")
+            .args(probe_args(&endpoint, &[])),
+        RUN_TIMEOUT,
+    );
+    assert_eq!(exit, 1, "{logs}");
+    assert!(
+        probe_output(&logs)["error"]
+            .as_str()
+            .expect("error")
+            .contains("AccessDenied"),
+        "{logs}"
+    );
+    let (exit, logs) = run_to_completion(
+        &RunOpts::new(&net, "allowed")
+            .env("IAM_ROLE", "app-web")
+            .args(probe_args(&endpoint, &[])),
+        RUN_TIMEOUT,
+    );
+    assert_eq!(exit, 0, "{logs}");
+    assert_eq!(probe_output(&logs)["role"], "app-web");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recycled_address_never_carries_the_previous_containers_role_or_token() {
+    docker::require_docker();
+    let net = TestNetwork::create("reuse");
+    let d = fake_daemon(
+        &net,
+        "unix:///var/run/docker.sock",
+        &["--default-role", "fallback"],
+    )
+    .await;
+    let endpoint = format!("http://{}", d.addr);
+    let ip = net.host(10);
+    const ROUNDS: usize = 50;
+    let started = Instant::now();
+    for round in 0..ROUNDS {
+        let (exit, logs) = run_to_completion(
+            &RunOpts::new(&net, "a")
+                .ip(ip)
+                .env("IAM_ROLE", "role-a")
+                .args(probe_args(&endpoint, &["--print-token"])),
+            RUN_TIMEOUT,
+        );
+        assert_eq!(exit, 0, "round {round}, A: {logs}");
+        let a = probe_output(&logs);
+        assert_eq!(a["role"], "role-a", "round {round}: {a}");
+        let token = a["token"].as_str().expect("token").to_string();
+
+        // B starts on A's address the moment A is gone, and tries A's token first.
+        let (exit, logs) = run_to_completion(
+            &RunOpts::new(&net, "b")
+                .ip(ip)
+                .env("IAM_ROLE", "role-b")
+                .args(probe_args(&endpoint, &["--foreign-token", &token])),
+            RUN_TIMEOUT,
+        );
+        assert_eq!(exit, 0, "round {round}, B: {logs}");
+        let b = probe_output(&logs);
+        assert_eq!(
+            b["role"], "role-b",
+            "round {round}: B got another role: {b}"
+        );
+        assert_eq!(
+            b["foreign_token_status"], 401,
+            "round {round}: A's token worked for B: {b}"
+        );
+    }
+    eprintln!("{ROUNDS} rounds in {:?}", started.elapsed());
+}
+
+/// A unix-socket proxy in front of the Docker socket that the test can cut and restore, to take
+/// the engine away from the daemon without stopping the machine's Docker.
+struct SocketProxy {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl SocketProxy {
+    fn start() -> SocketProxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let proxy = SocketProxy {
+            path: dir.path().join("docker.sock"),
+            _dir: dir,
+            task: Mutex::new(None),
+            connections: Arc::new(Mutex::new(Vec::new())),
+        };
+        proxy.restore();
+        proxy
+    }
+
+    fn url(&self) -> String {
+        format!("unix://{}", self.path.display())
+    }
+
+    /// Starts accepting again.
+    fn restore(&self) {
+        let _ = std::fs::remove_file(&self.path);
+        let listener = tokio::net::UnixListener::bind(&self.path).expect("bind the proxy socket");
+        let connections = self.connections.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut engine) =
+                        tokio::net::UnixStream::connect("/var/run/docker.sock").await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
+                    }
+                });
+                connections.lock().expect("lock").push(conn);
+            }
+        });
+        *self.task.lock().expect("lock") = Some(task);
+    }
+
+    /// Stops accepting and drops every connection (the event stream with them).
+    fn cut(&self) {
+        if let Some(t) = self.task.lock().expect("lock").take() {
+            t.abort();
+        }
+        for c in self.connections.lock().expect("lock").drain(..) {
+            c.abort();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for SocketProxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+fn exec_probe(c: &TestContainer, endpoint: &str, extra: &[&str]) -> (i64, Value) {
+    let mut cmd = vec!["/usr/local/bin/imdsd".to_string()];
+    cmd.extend(probe_args(endpoint, extra));
+    let (exit, out) = c.exec(cmd);
+    (exit, probe_output(&out))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_the_engine_never_serves_a_stale_role_and_the_index_recovers() {
+    docker::require_docker();
+    let net = TestNetwork::create("cut");
+    let proxy = SocketProxy::start();
+    let d = fake_daemon(&net, &proxy.url(), &["--default-role", "fallback"]).await;
+    let stats = d.docker_stats.clone().expect("stats");
+    let index = d.index.clone().expect("index");
+    let endpoint = format!("http://{}", d.addr);
+
+    let a = TestContainer::run(
+        &RunOpts::new(&net, "a")
+            .env("IAM_ROLE", "role-a")
+            .args(probe_args(&endpoint, &["--hold", "300"])),
+    );
+    let a_ip: IpAddr = a.ip.expect("A's address");
+    eventually(Duration::from_secs(20), "A in the index", || {
+        index.lookup(a_ip).is_some()
+    })
+    .await;
+    let (exit, out) = exec_probe(&a, &endpoint, &[]);
+    assert_eq!((exit, &out["role"]), (0, &Value::from("role-a")), "{out}");
+
+    // The event stream is cut: the daemon can no longer know whether A is still A.
+    proxy.cut();
+    eventually(Duration::from_secs(10), "the watcher to notice", || {
+        !stats.connected.load(Ordering::Acquire)
+    })
+    .await;
+    let (_, out) = exec_probe(&a, &endpoint, &[]);
+    assert_ne!(
+        out["role"], "fallback",
+        "never another role while blind: {out}"
+    );
+    // Meanwhile C starts, unseen.
+    let c = TestContainer::run(&RunOpts::new(&net, "c").env("IAM_ROLE", "role-c").args(
+        probe_args(&endpoint, &["--retry-for", "60", "--hold", "300"]),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Back: the watcher reconnects on its own, resyncs, and both are served correctly.
+    let reconnects_before = stats.reconnects.load(Ordering::Relaxed);
+    proxy.restore();
+    let c_ip = c.ip.expect("C's address");
+    eventually(Duration::from_secs(30), "the resync", || {
+        index.is_ready() && index.lookup(c_ip).is_some()
+    })
+    .await;
+    assert!(stats.connected.load(Ordering::Acquire));
+    assert!(reconnects_before >= 1);
+    let (exit, out) = exec_probe(&a, &endpoint, &[]);
+    assert_eq!((exit, &out["role"]), (0, &Value::from("role-a")), "{out}");
+    let (exit, out) = exec_probe(&c, &endpoint, &[]);
+    assert_eq!((exit, &out["role"]), (0, &Value::from("role-c")), "{out}");
+    // C's own first probe, which kept retrying through the outage, got C's role too.
+    eventually(Duration::from_secs(30), "C's first probe", || {
+        c.logs().contains("\"role\"")
+    })
+    .await;
+    assert_eq!(probe_output(&c.logs())["role"], "role-c");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_request_path_makes_no_docker_api_call_in_steady_state() {
+    docker::require_docker();
+    let net = TestNetwork::create("steady");
+    let d = fake_daemon(&net, "unix:///var/run/docker.sock", &[]).await;
+    let stats = d.docker_stats.clone().expect("stats");
+    let endpoint = format!("http://{}", d.addr);
+    let a = TestContainer::run(
+        &RunOpts::new(&net, "a")
+            .env("IAM_ROLE", "role-a")
+            .args(probe_args(&endpoint, &["--hold", "120"])),
+    );
+    eventually(Duration::from_secs(30), "A's first probe", || {
+        a.logs().contains("\"role\"")
+    })
+    .await;
+    // Prefetched at start: the first request was already a cache hit.
+    let broker = d.app_broker.stats();
+    assert_eq!(
+        broker.misses, 0,
+        "the container's first request found its credentials cached: {broker:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let calls = stats.api_calls.load(Ordering::Relaxed);
+    let events = stats.events_applied.load(Ordering::Relaxed);
+
+    // 200 more credential requests (plus the SDK's own token, listing and region requests).
+    let (exit, out) = exec_probe(&a, &endpoint, &["--repeat", "200"]);
+    assert_eq!((exit, &out["role"]), (0, &Value::from("role-a")), "{out}");
+    // Other tests' containers start and stop meanwhile on the same engine, and each of their
+    // events may cost one inspect; the 200 requests must cost nothing.
+    let new_calls = stats.api_calls.load(Ordering::Relaxed) - calls;
+    let new_events = stats.events_applied.load(Ordering::Relaxed) - events;
+    assert!(
+        new_calls <= new_events,
+        "{new_calls} Docker API calls during 200 requests from a known container, with only \
+         {new_events} engine events to explain them"
+    );
+}
+
+/// `docker-compose` with a project of its own, taken down when dropped.
+struct Compose {
+    project: String,
+    env: Vec<(String, String)>,
+}
+
+impl Compose {
+    fn command(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("docker-compose")
+            .args(["-p", &self.project, "-f"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("docker-compose.yml"))
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("run docker-compose")
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        let _ = self.command(&["down", "-v", "--timeout", "1"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_compose_example_gives_the_app_its_role() {
+    docker::require_docker();
+    let image = docker::test_image();
+    let aws_dir = tempfile::tempdir().expect("tempdir");
+    let compose = Compose {
+        project: format!("imdsdtest{}", std::process::id()),
+        env: vec![
+            ("IMDSD_IMAGE".into(), image.clone()),
+            ("APP_IMAGE".into(), image),
+            ("IMDSD_FAKE_CREDENTIALS".into(), "true".into()),
+            (
+                "AWS_CONFIG_DIR".into(),
+                aws_dir.path().display().to_string(),
+            ),
+            ("APP_ROLE".into(), "demo-app".into()),
+        ],
+    };
+    let up = compose.command(&["up", "-d"]);
+    assert!(
+        up.status.success(),
+        "docker-compose up: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let logs = loop {
+        let out = compose.command(&["logs", "--no-color", "app"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.contains("\"ok\"") || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let line = logs
+        .lines()
+        .find_map(|l| l.split_once('|').map(|(_, json)| json.trim().to_string()))
+        .unwrap_or_default();
+    let out: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+        let daemon = compose.command(&["logs", "--no-color", "imdsd"]);
+        panic!(
+            "{e}: app said {logs}\nimdsd said {}",
+            String::from_utf8_lossy(&daemon.stdout)
+        )
+    });
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["role"], "demo-app", "{out}");
+    assert_eq!(
+        out["endpoint"], "http://169.254.169.254",
+        "the SDK's own default: {out}"
+    );
+}
