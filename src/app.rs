@@ -10,11 +10,13 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::Admin;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, ConfigError, SourceConfig};
 use crate::credentials::CredentialSource;
 use crate::credentials::broker::{Broker, Lease};
 use crate::credentials::fake::FakeSource;
+use crate::credentials::observed::ObservedSource;
 use crate::credentials::sts::{StsOptions, StsSetupError, StsSource};
 use crate::docker::{DockerStats, Watcher};
 use crate::identity::Identity;
@@ -23,6 +25,7 @@ use crate::imds::Imds;
 use crate::imds::token::Tokens;
 use crate::imds::tree::Tree;
 use crate::index::Index;
+use crate::metrics::Metrics;
 use crate::server::{self, ServerOptions};
 use crate::state::StateDir;
 
@@ -57,6 +60,10 @@ pub struct App {
     watcher: Option<Watcher>,
     index: Option<Index>,
     docker_stats: Option<Arc<DockerStats>>,
+    metrics: Arc<Metrics>,
+    admin: Arc<Admin>,
+    admin_listener: Option<TcpListener>,
+    admin_addr: Option<SocketAddr>,
     /// Keeps the credentials of callers known in advance cached and refreshed.
     _leases: Vec<Lease>,
 }
@@ -97,7 +104,10 @@ impl App {
         let index = watcher.as_ref().map(Watcher::index);
         let docker_stats = watcher.as_ref().map(Watcher::stats);
         let identity = Arc::new(identity);
-        let broker = Broker::new(source, clock.clone(), config.broker.clone());
+        let metrics = Arc::new(Metrics::default());
+        let observed = ObservedSource::new(source, metrics.clone());
+        let source_health = observed.health();
+        let broker = Broker::new(Arc::new(observed), clock.clone(), config.broker.clone());
         let leases: Vec<Lease> = identity
             .known_requests()
             .iter()
@@ -111,6 +121,7 @@ impl App {
             broker.clone(),
             config.imds.clone(),
             clock,
+            metrics.clone(),
         ));
         match &config.docker {
             Some(d) => {
@@ -132,6 +143,32 @@ impl App {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect::<Vec<_>>();
+        let admin_listener = match config.admin_listen {
+            Some(addr) => Some(
+                server::bind_all(&[addr])
+                    .await
+                    .map_err(|e| {
+                        StartError::config(format!(
+                            "--admin-listen: {e} (set --admin-listen to another address, or none)"
+                        ))
+                    })?
+                    .remove(0),
+            ),
+            None => None,
+        };
+        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let admin = Arc::new(Admin {
+            registry: crate::metrics::registry(
+                metrics.clone(),
+                broker.clone(),
+                index.clone(),
+                docker_stats.clone(),
+            ),
+            broker: broker.clone(),
+            identity: identity.clone(),
+            index: index.clone(),
+            source: source_health,
+        });
 
         tracing::info!(
             source = broker.source_kind(),
@@ -152,6 +189,10 @@ impl App {
             watcher,
             index,
             docker_stats,
+            metrics,
+            admin,
+            admin_listener,
+            admin_addr,
             _leases: leases,
         })
     }
@@ -174,6 +215,19 @@ impl App {
         self.index.as_ref()
     }
 
+    /// Where the admin API listens, if it does.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn admin(&self) -> &Arc<Admin> {
+        &self.admin
+    }
+
     /// The Docker watcher's counters (API calls, events, reconnects).
     pub fn docker_stats(&self) -> Option<&Arc<DockerStats>> {
         self.docker_stats.as_ref()
@@ -192,6 +246,20 @@ impl App {
             ));
         }
         let mut tasks = tokio::task::JoinSet::new();
+        if let (Some(listener), Some(addr)) = (self.admin_listener, self.admin_addr) {
+            tracing::info!(addr = %addr, "serving admin API");
+            let admin = self.admin.clone();
+            let handler = Arc::new(move |req, _caller| {
+                let admin = admin.clone();
+                async move { admin.handle(req).await }
+            });
+            tasks.spawn(server::serve(
+                listener,
+                handler,
+                self.server.clone(),
+                shutdown.clone(),
+            ));
+        }
         for (listener, addr) in self.listeners.into_iter().zip(self.local_addrs.iter()) {
             tracing::info!(addr = %addr, "serving instance metadata");
             let imds = self.imds.clone();

@@ -217,6 +217,11 @@ pub struct Cli {
     #[arg(long, env = "IMDSD_UNKNOWN_CALLER_WAIT", value_name = "DURATION")]
     pub unknown_caller_wait: Option<String>,
 
+    /// Address of the admin API (/healthz, /readyz, /metrics, /v1/workloads), or "none". Never
+    /// the metadata address. [default: 127.0.0.1:9169]
+    #[arg(long, env = "IMDSD_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+
     /// How often the container index is compared with a full listing. [default: 5m]
     #[arg(long, env = "IMDSD_DOCKER_RESYNC", value_name = "DURATION")]
     pub docker_resync: Option<String>,
@@ -228,6 +233,12 @@ pub enum Command {
     /// Ask a metadata service for credentials as an AWS SDK does, and print what came back as
     /// one JSON line (secrets shortened). Run it inside a container to see what it gets.
     Probe(crate::probe::ProbeArgs),
+    /// Check the setup (configuration, Docker, AWS identity, roles, addresses, network) and say
+    /// how to fix what is broken. Takes the daemon's flags.
+    Doctor(crate::doctor::DoctorArgs),
+    /// Set up or remove the host networking a layout needs (Docker network, host address,
+    /// redirect rules on EC2).
+    Network(crate::network::NetworkArgs),
 }
 
 /// The configuration file. Keys mirror the flags, with underscores.
@@ -265,6 +276,7 @@ pub struct FileConfig {
     pub role_session_key: Option<String>,
     pub unknown_caller_wait: Option<String>,
     pub docker_resync: Option<String>,
+    pub admin_listen: Option<String>,
     /// Alias → role spec, for containers that choose a role by alias.
     pub role_aliases: Option<std::collections::BTreeMap<String, String>>,
     #[serde(default)]
@@ -312,6 +324,8 @@ pub struct Config {
     pub log_filter: String,
     /// The Docker Engine to follow; `None` runs without containers.
     pub docker: Option<DockerOptions>,
+    /// Where the admin API listens; `None` disables it.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// Everything wrong with the configuration, one line each.
@@ -343,6 +357,10 @@ pub enum Parsed {
     Run(Box<Config>),
     /// `imdsd probe …`.
     Probe(crate::probe::ProbeArgs),
+    /// `imdsd doctor …`.
+    Doctor(crate::doctor::DoctorArgs),
+    /// `imdsd network …`.
+    Network(crate::network::NetworkArgs),
     /// `--help` or `--version`: print and exit 0.
     Info(String),
 }
@@ -377,8 +395,11 @@ where
     let cli = Cli::from_arg_matches(&matches).map_err(|e| ConfigError {
         problems: vec![e.to_string()],
     })?;
-    if let Some(Command::Probe(args)) = cli.command {
-        return Ok(Parsed::Probe(args));
+    match cli.command {
+        Some(Command::Probe(args)) => return Ok(Parsed::Probe(args)),
+        Some(Command::Doctor(args)) => return Ok(Parsed::Doctor(args)),
+        Some(Command::Network(args)) => return Ok(Parsed::Network(args)),
+        None => {}
     }
     resolve(&cli, &matches, env).map(|c| Parsed::Run(Box::new(c)))
 }
@@ -511,6 +532,7 @@ fn flag_to_key(flag: &'static str) -> &'static str {
         "role-session-key" => "role_session_key",
         "unknown-caller-wait" => "unknown_caller_wait",
         "docker-resync" => "docker_resync",
+        "admin-listen" => "admin_listen",
         other => other,
     }
 }
@@ -891,6 +913,37 @@ fn resolve(
     };
 
     let (docker, containers) = resolve_containers(&mut r, cli, &file, env);
+    let admin_listen = match r.pick(
+        "admin_listen",
+        "admin-listen",
+        "IMDSD_ADMIN_LISTEN",
+        cli.admin_listen.clone(),
+        file.admin_listen.clone(),
+    ) {
+        Some((a, _)) if a.trim().eq_ignore_ascii_case("none") => None,
+        Some((a, origin)) => match parse_listen(&a) {
+            Ok(addr) => {
+                // Whatever can reach the metadata address (every container on its network) must
+                // not reach the admin API.
+                if !addr.ip().is_loopback() && listen.iter().any(|l| l.ip() == addr.ip()) {
+                    r.problem(
+                        &origin,
+                        format!(
+                            "{addr} is on the metadata address {}, where every container could reach \
+                             it; use a loopback address such as 127.0.0.1:9169",
+                            addr.ip()
+                        ),
+                    );
+                }
+                Some(addr)
+            }
+            Err(e) => {
+                r.problem(&origin, e);
+                None
+            }
+        },
+        None => Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT))),
+    };
 
     let default_account_id = match r.pick(
         "default_account_id",
@@ -1047,8 +1100,12 @@ fn resolve(
         log_format,
         log_filter,
         docker,
+        admin_listen,
     })
 }
+
+/// The admin API's default port, on loopback.
+pub const DEFAULT_ADMIN_PORT: u16 = 9169;
 
 /// A list from a repeatable flag (or its comma-separated variable), else the file.
 fn pick_list(
@@ -1596,6 +1653,7 @@ mod tests {
         role_session_key: (),
         unknown_caller_wait: (),
         docker_resync: (),
+        admin_listen: (),
     }
 
     #[test]
@@ -1672,6 +1730,39 @@ mod tests {
             all.contains("--allowed-roles") && all.contains(":role/"),
             "{all}"
         );
+    }
+
+    /// The shipped systemd unit starts the daemon with a configuration that parses, and its
+    /// pre-start command is a valid `imdsd network` invocation.
+    #[test]
+    fn the_systemd_unit_runs_valid_commands() {
+        let unit = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/packaging/imdsd.service"
+        ))
+        .expect("unit file");
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/imdsd.example.toml");
+        let command = |key: &str| -> Vec<String> {
+            let line = unit
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap_or_else(|| panic!("no {key} in the unit"));
+            line.trim_start_matches('+')
+                .split_whitespace()
+                .map(|w| w.replace("/etc/imdsd/imdsd.toml", example))
+                .collect()
+        };
+        let start = command("ExecStart=");
+        assert_eq!(start[0], "/usr/local/bin/imdsd");
+        match parse(&start, &env_none) {
+            Ok(Parsed::Run(c)) => assert_eq!(c.listen[0].to_string(), "169.254.169.254:80"),
+            other => panic!("ExecStart does not start the daemon: {other:?}"),
+        }
+        assert!(matches!(
+            parse(command("ExecStartPre="), &env_none),
+            Ok(Parsed::Network(_))
+        ));
+        assert!(unit.contains("RestartPreventExitStatus=64"));
     }
 
     #[test]

@@ -9,15 +9,19 @@
 //! Dependencies point one way: `imds → identity` and `imds → credentials → source`. The HTTP layer
 //! never sees an SDK type.
 
+pub mod admin;
 pub mod app;
 pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod docker;
+pub mod doctor;
 pub mod identity;
 pub mod imds;
 pub mod index;
 pub mod instance;
+pub mod metrics;
+pub mod network;
 pub mod prefetch;
 pub mod probe;
 pub mod server;

@@ -1,5 +1,5 @@
 //! The `imdsd` binary: reads the configuration, sets up logging, runs the daemon until SIGTERM or
-//! SIGINT (or runs `imdsd probe`), and maps the outcome to an exit code (0 clean, 64 configuration, 1 runtime failure).
+//! SIGINT (or runs a tool: `probe`, `doctor`, `network`), and maps the outcome to an exit code (0 clean, 64 configuration, 1 runtime failure).
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
@@ -18,7 +18,9 @@ fn main() -> ExitCode {
             print!("{text}");
             return ExitCode::SUCCESS;
         }
-        Ok(Parsed::Probe(args)) => return probe(args),
+        Ok(Parsed::Probe(args)) => return tool(imdsd::probe::run(args)),
+        Ok(Parsed::Doctor(args)) => return tool(imdsd::doctor::run(args)),
+        Ok(Parsed::Network(args)) => return tool(imdsd::network::run(args)),
         Err(e) => {
             eprint!("imdsd: {e}");
             return ExitCode::from(EX_USAGE);
@@ -55,15 +57,16 @@ fn main() -> ExitCode {
     })
 }
 
-/// `imdsd probe`: a client, so a small single-threaded runtime and no daemon logging.
-fn probe(args: imdsd::probe::ProbeArgs) -> ExitCode {
+/// A tool subcommand (`probe`, `doctor`, `network`): a small single-threaded runtime and no
+/// daemon logging; the tool prints its own results.
+fn tool(run: impl std::future::Future<Output = u8>) -> ExitCode {
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => ExitCode::from(rt.block_on(imdsd::probe::run(args))),
+        Ok(rt) => ExitCode::from(rt.block_on(run)),
         Err(e) => {
-            eprintln!("imdsd probe: cannot start the async runtime: {e}");
+            eprintln!("imdsd: cannot start the async runtime: {e}");
             ExitCode::FAILURE
         }
     }

@@ -144,13 +144,34 @@ async fn three_containers_get_three_roles_checked_by_sts() {
         eprintln!("{role}: credentials {elapsed} ms after the container started");
         assert!(elapsed < 1000, "{role} waited {elapsed} ms: {out}");
     }
+    // The request log says which container got which role, with what.
     let log = process.log_text();
-    for (_, c) in &containers {
-        assert!(
-            log.contains(&c.name) && log.contains(&c.id[..12]),
-            "the request log names the container {}:\n{log}",
-            c.name
+    for (role, c) in &containers {
+        let line = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| {
+                v["target"] == "imdsd::access"
+                    && v["container"] == c.name.as_str()
+                    && v["path"] == format!("/latest/meta-data/iam/security-credentials/{role}")
+            })
+            .unwrap_or_else(|| panic!("no access log line for {}:\n{log}", c.name));
+        assert_eq!(line["container_id"], &c.id[..12], "{line}");
+        assert_eq!(line["caller"], c.ip.expect("ip").to_string(), "{line}");
+        assert_eq!(
+            line["role"],
+            format!("arn:aws:iam::123456789012:role/{role}"),
+            "{line}"
         );
+        assert_eq!(line["status"], 200, "{line}");
+        assert!(
+            line["agent"]
+                .as_str()
+                .expect("agent")
+                .contains("aws-sdk-rust"),
+            "{line}"
+        );
+        assert!(line["micros"].as_u64().is_some(), "{line}");
     }
 }
 
@@ -402,6 +423,10 @@ async fn losing_the_engine_never_serves_a_stale_role_and_the_index_recovers() {
         out["role"], "fallback",
         "never another role while blind: {out}"
     );
+    let admin = d.admin.expect("admin API");
+    let ready = common::raw(admin, "GET", "/readyz", &[]);
+    assert_eq!(ready.status, 503, "not ready while blind: {}", ready.text());
+    assert!(ready.text().contains("Docker Engine"), "{}", ready.text());
     // Meanwhile C starts, unseen.
     let c = TestContainer::run(&RunOpts::new(&net, "c").env("IAM_ROLE", "role-c").args(
         probe_args(&endpoint, &["--retry-for", "60", "--hold", "300"]),
@@ -418,6 +443,7 @@ async fn losing_the_engine_never_serves_a_stale_role_and_the_index_recovers() {
     .await;
     assert!(stats.connected.load(Ordering::Acquire));
     assert!(reconnects_before >= 1);
+    assert_eq!(common::raw(admin, "GET", "/readyz", &[]).status, 200);
     let (exit, out) = exec_probe(&a, &endpoint, &[]);
     assert_eq!((exit, &out["role"]), (0, &Value::from("role-a")), "{out}");
     let (exit, out) = exec_probe(&c, &endpoint, &[]);
@@ -455,6 +481,31 @@ async fn the_request_path_makes_no_docker_api_call_in_steady_state() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let calls = stats.api_calls.load(Ordering::Relaxed);
     let events = stats.events_applied.load(Ordering::Relaxed);
+
+    // The admin API lists A with its role and its (prefetched) credentials' expiry.
+    let workloads = common::raw(d.admin.expect("admin API"), "GET", "/v1/workloads", &[]);
+    let list: Value = serde_json::from_str(&workloads.text()).expect("json");
+    let entries = list.as_array().expect("array");
+    assert_eq!(
+        entries.len(),
+        1,
+        "only the containers on the served network: {list:#}"
+    );
+    let entry = &entries[0];
+    assert_eq!(entry["container"]["name"], a.name.as_str(), "{entry:#}");
+    assert_eq!(entry["container"]["id"], a.id.as_str(), "{entry:#}");
+    assert_eq!(
+        entry["role"], "arn:aws:iam::123456789012:role/role-a",
+        "{entry:#}"
+    );
+    assert_eq!(entry["session_name"], a.name.as_str(), "{entry:#}");
+    assert!(
+        entry["expiration"]
+            .as_str()
+            .is_some_and(|e| e.ends_with('Z')),
+        "{entry:#}"
+    );
+    assert!(!workloads.text().contains("SecretAccessKey"));
 
     // 200 more credential requests (plus the SDK's own token, listing and region requests).
     let (exit, out) = exec_probe(&a, &endpoint, &["--repeat", "200"]);

@@ -7,6 +7,7 @@
 
 pub mod broker;
 pub mod fake;
+pub mod observed;
 pub mod sts;
 
 use std::fmt;

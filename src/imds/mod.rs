@@ -22,6 +22,7 @@ use crate::clock::{SharedClock, format_iso8601};
 use crate::credentials::SourceError;
 use crate::credentials::broker::{Broker, FetchError, Served};
 use crate::identity::{Assignment, Identity, Refusal, RoleState, Workload};
+use crate::metrics::{Metrics, Route};
 use path::MetadataPath;
 use response::{
     ALLOW_METADATA, ALLOW_TOKEN, Body, ContentType, Responder, TOKEN_HEADER, TOKEN_TTL_HEADER,
@@ -72,6 +73,7 @@ pub struct Imds {
     responder: Responder,
     options: ImdsOptions,
     clock: SharedClock,
+    metrics: Arc<Metrics>,
 }
 
 /// What the handler decided, for the request log.
@@ -101,6 +103,7 @@ impl Imds {
         broker: Broker,
         options: ImdsOptions,
         clock: SharedClock,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let responder = Responder::new(options.connection, clock.now());
         Self {
@@ -111,6 +114,7 @@ impl Imds {
             responder,
             options,
             clock,
+            metrics,
         }
     }
 
@@ -119,6 +123,9 @@ impl Imds {
         let started = tokio::time::Instant::now();
         let outcome = self.route(&request, caller).await;
         let status = outcome.response.status();
+        let elapsed = started.elapsed();
+        self.metrics
+            .request(route_of(request.uri().path()), status.as_u16(), elapsed);
         let workload = outcome.workload.as_deref();
         let container = workload.and_then(|w| w.container.as_deref());
         let (role, refused) = match workload.map(|w| &w.role) {
@@ -136,7 +143,7 @@ impl Imds {
             role,
             refused,
             status = status.as_u16(),
-            micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             agent = request
                 .headers()
                 .get(header::USER_AGENT)
@@ -190,6 +197,7 @@ impl Imds {
                 ) {
                     Ok(left) => Some(left),
                     Err(e) => {
+                        self.metrics.token_rejected();
                         tracing::debug!(caller = %caller, reason = %e, "refused an IMDSv2 token");
                         return r.error(StatusCode::UNAUTHORIZED).into();
                     }
@@ -233,7 +241,10 @@ impl Imds {
             ttl,
             std::time::SystemTime::now(),
         ) {
-            Ok(token) => r.token(Bytes::from(token), ttl),
+            Ok(token) => {
+                self.metrics.token_issued();
+                r.token(Bytes::from(token), ttl)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot issue an IMDSv2 token: the system random generator failed");
                 r.error(StatusCode::INTERNAL_SERVER_ERROR)
@@ -415,6 +426,22 @@ impl Imds {
                 std::time::SystemTime::now(),
             )
             .ok()
+    }
+}
+
+/// The metrics route of a request path, by its shape alone (cheap, and no allocation).
+fn route_of(path: &str) -> Route {
+    if path.ends_with("/api/token") {
+        Route::Token
+    } else if let Some((_, rest)) = path.split_once("/meta-data/iam/") {
+        match rest.strip_prefix("security-credentials/") {
+            Some(role) if !role.trim_end_matches('/').is_empty() => Route::Credentials,
+            _ => Route::Iam,
+        }
+    } else if path == "/" || path.starts_with("/latest") || path.starts_with("/20") {
+        Route::Metadata
+    } else {
+        Route::Other
     }
 }
 

@@ -26,6 +26,9 @@ pub struct Daemon {
     /// The container index and the Docker watcher's counters, when following an engine.
     pub index: Option<imdsd::index::Index>,
     pub docker_stats: Option<Arc<imdsd::docker::DockerStats>>,
+    /// The admin API's address, unless disabled.
+    pub admin: Option<SocketAddr>,
+    pub metrics: Arc<imdsd::metrics::Metrics>,
 }
 
 impl Daemon {
@@ -47,6 +50,10 @@ impl Daemon {
         if !args.contains(&"--docker-host") {
             full.extend_from_slice(&["--docker-host", "none"]);
         }
+        // Tests run many daemons at once; each gets its own admin port.
+        if !args.contains(&"--admin-listen") {
+            full.extend_from_slice(&["--admin-listen", "127.0.0.1:0"]);
+        }
         full.extend_from_slice(args);
         let env = |k: &str| std::env::var(k).ok();
         let config = match config::parse(full, &env) {
@@ -58,6 +65,8 @@ impl Daemon {
         let addr = app.local_addrs()[0];
         let app_broker = app.broker().clone();
         let index = app.index().cloned();
+        let admin = app.admin_addr();
+        let metrics = app.metrics().clone();
         let docker_stats = app.docker_stats().cloned();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(app.run(shutdown.clone()));
@@ -69,6 +78,8 @@ impl Daemon {
             app_broker,
             index,
             docker_stats,
+            admin,
+            metrics,
         }
     }
 
@@ -306,6 +317,8 @@ impl Process {
             // Tests that are not about containers must not see the machine's containers.
             .env("DOCKER_HOST", "none")
             .env_remove("DOCKER_URL")
+            // Tests run many daemons at once; each gets its own admin port.
+            .env("IMDSD_ADMIN_LISTEN", "127.0.0.1:0")
             .envs(env.iter().copied())
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .stdin(Stdio::null())
@@ -376,6 +389,16 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Process {
+    /// The admin API's address, from the daemon's log.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        let log = self.log.lock().expect("log lock");
+        log.iter()
+            .filter(|l| l.contains("serving admin API"))
+            .find_map(|l| extract_addr(l))
     }
 }
 

@@ -1,0 +1,148 @@
+//! The admin API, on its own listener (`--admin-listen`, loopback by default, never the metadata
+//! address): `/healthz`, `/readyz`, `/metrics` (Prometheus) and `/v1/workloads` (which container
+//! gets which role). Read-only; it never shows a secret.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+
+use crate::clock::format_iso8601;
+use crate::credentials::broker::Broker;
+use crate::credentials::observed::SourceHealth;
+use crate::identity::{Identity, RoleState};
+use crate::index::Index;
+
+/// What the admin API reads.
+pub struct Admin {
+    pub registry: Registry,
+    pub broker: Broker,
+    pub identity: Arc<Identity>,
+    pub index: Option<Index>,
+    pub source: SourceHealth,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").finish_non_exhaustive()
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    response
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+const JSON: &str = "application/json";
+
+impl Admin {
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "only GET\n");
+        }
+        match req.uri().path() {
+            "/healthz" => respond(StatusCode::OK, TEXT, "ok\n"),
+            "/readyz" => match self.not_ready() {
+                reasons if reasons.is_empty() => respond(StatusCode::OK, TEXT, "ready\n"),
+                reasons => respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    format!("not ready:\n{}\n", reasons.join("\n")),
+                ),
+            },
+            "/metrics" => respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                crate::metrics::render(&self.registry),
+            ),
+            "/v1/workloads" => respond(StatusCode::OK, JSON, format!("{:#}\n", self.workloads())),
+            _ => respond(
+                StatusCode::NOT_FOUND,
+                TEXT,
+                "not found; try /healthz, /readyz, /metrics or /v1/workloads\n",
+            ),
+        }
+    }
+
+    /// Why the daemon should not receive traffic, one reason per line; empty when ready.
+    pub fn not_ready(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if let Some(index) = &self.index
+            && !index.is_ready()
+        {
+            reasons.push(
+                "the container index is not synced with the Docker Engine (is Docker running and \
+                 its socket readable?)"
+                    .to_string(),
+            );
+        }
+        if let Some(problem) = self.source.problem() {
+            reasons.push(problem);
+        }
+        reasons
+    }
+
+    /// Every running container the index knows, with its role and credentials' state.
+    fn workloads(&self) -> Value {
+        let Some(index) = &self.index else {
+            return json!([]);
+        };
+        let mut containers = index.containers();
+        containers.sort_by(|a, b| a.name.cmp(&b.name));
+        let list: Vec<Value> = containers
+            .iter()
+            .filter_map(|c| {
+                let workload = self.identity.container_workload(c)?;
+                let mut entry = json!({
+                    "container": {
+                        "id": c.id,
+                        "name": c.name,
+                        "image": c.image,
+                        "started_at": c.started_at,
+                        "addresses": c.addresses,
+                        "networks": c.networks,
+                    },
+                });
+                match &workload.role {
+                    RoleState::Assigned(a) => {
+                        let r = &a.request;
+                        entry["role"] = json!(r.role_arn.as_str());
+                        entry["origin"] = json!(a.origin.to_string());
+                        entry["session_name"] = json!(r.session_name);
+                        if let Some(served) = self.broker.peek(r) {
+                            entry["expiration"] = json!(format_iso8601(served.expiration()));
+                            entry["last_updated"] = json!(format_iso8601(served.last_updated));
+                            entry["access_key_id"] = json!(served.credentials.key_hint());
+                        }
+                        if let Some(e) = self.broker.last_error(r) {
+                            entry["last_error"] = json!({
+                                "message": e.error.to_string(),
+                                "at": format_iso8601(e.at),
+                            });
+                        }
+                    }
+                    RoleState::Refused(refusal) => {
+                        entry["refused"] =
+                            json!({"code": refusal.code, "message": refusal.message});
+                    }
+                    RoleState::None | RoleState::Pending => entry["role"] = Value::Null,
+                }
+                Some(entry)
+            })
+            .collect();
+        Value::Array(list)
+    }
+}

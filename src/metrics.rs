@@ -1,0 +1,306 @@
+//! Prometheus metrics: what the request path records (requests by route and status, latency,
+//! IMDSv2 tokens, STS call latency), and what is read from the other parts at scrape time
+//! (credential cache, STS calls and errors, the Docker index and watcher).
+//!
+//! The request path only increments atomics: `prometheus-client`'s families take a read lock on
+//! a map that is written once per new label combination.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::credentials::broker::Broker;
+use crate::docker::DockerStats;
+use crate::index::Index;
+
+/// Which part of the service a request was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// `PUT /latest/api/token`.
+    Token,
+    /// `iam/security-credentials/<role>`.
+    Credentials,
+    /// Anything else under `iam/`.
+    Iam,
+    /// The rest of the metadata tree.
+    Metadata,
+    /// Not a metadata path at all.
+    Other,
+}
+
+impl Route {
+    fn as_str(self) -> &'static str {
+        match self {
+            Route::Token => "token",
+            Route::Credentials => "credentials",
+            Route::Iam => "iam",
+            Route::Metadata => "metadata",
+            Route::Other => "other",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    status: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    route: &'static str,
+}
+
+/// The status codes the service answers with, as label values without allocating.
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        417 => "417",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ => "other",
+    }
+}
+
+/// Seconds: 50 µs to ~3 s, doubling. The request path is expected in the lowest buckets; cold
+/// STS calls land in the top ones.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 17)
+}
+
+/// What the request path records.
+#[derive(Debug)]
+pub struct Metrics {
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabels, Histogram>,
+    tokens_issued: Counter,
+    tokens_rejected: Counter,
+    sts_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            tokens_issued: Counter::default(),
+            tokens_rejected: Counter::default(),
+            sts_latency: Histogram::new(latency_buckets()),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn request(&self, route: Route, status: u16, elapsed: Duration) {
+        let route = route.as_str();
+        self.requests
+            .get_or_create(&RequestLabels {
+                route,
+                status: status_label(status),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels { route })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn token_issued(&self) {
+        self.tokens_issued.inc();
+    }
+
+    pub fn token_rejected(&self) {
+        self.tokens_rejected.inc();
+    }
+
+    /// One call to the credential source (STS), successful or not.
+    pub fn source_call(&self, elapsed: Duration) {
+        self.sts_latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// The number of requests recorded for `route` with `status`, for tests.
+    pub fn requests_for(&self, route: Route, status: u16) -> u64 {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.as_str(),
+                status: status_label(status),
+            })
+            .get()
+    }
+}
+
+/// Everything scraped: the request metrics plus the other parts' counters.
+pub fn registry(
+    metrics: Arc<Metrics>,
+    broker: Broker,
+    index: Option<Index>,
+    docker: Option<Arc<DockerStats>>,
+) -> Registry {
+    let mut registry = Registry::with_prefix("imdsd");
+    registry.register(
+        "requests",
+        "Metadata requests by route and HTTP status",
+        metrics.requests.clone(),
+    );
+    registry.register(
+        "request_duration_seconds",
+        "Time to answer a metadata request, by route",
+        metrics.latency.clone(),
+    );
+    registry.register(
+        "tokens_issued",
+        "IMDSv2 tokens issued",
+        metrics.tokens_issued.clone(),
+    );
+    registry.register(
+        "tokens_rejected",
+        "Requests refused for an invalid, expired or foreign IMDSv2 token",
+        metrics.tokens_rejected.clone(),
+    );
+    registry.register(
+        "sts_call_duration_seconds",
+        "Time of each call to the credential source (AssumeRole)",
+        metrics.sts_latency.clone(),
+    );
+    registry.register_collector(Box::new(Scraped {
+        broker,
+        index,
+        docker,
+    }));
+    registry
+}
+
+/// Renders the registry in the text exposition format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        tracing::error!(error = %e, "cannot encode metrics");
+    }
+    out
+}
+
+/// Values read from the other parts at scrape time.
+#[derive(Debug)]
+struct Scraped {
+    broker: Broker,
+    index: Option<Index>,
+    docker: Option<Arc<DockerStats>>,
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> std::fmt::Result {
+    let metric = ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> std::fmt::Result {
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+impl Collector for Scraped {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let s = self.broker.stats();
+        counter(
+            &mut e,
+            "credential_cache_hits",
+            "Credential requests answered from the cache",
+            s.hits,
+        )?;
+        counter(
+            &mut e,
+            "credential_cache_misses",
+            "Credential requests that waited for (or joined) a fetch",
+            s.misses,
+        )?;
+        counter(
+            &mut e,
+            "credential_cache_stale_served",
+            "Last-good credentials served while the source was failing",
+            s.stale_served,
+        )?;
+        counter(
+            &mut e,
+            "credential_cache_errors_served",
+            "Remembered errors served without calling the source",
+            s.cached_errors,
+        )?;
+        counter(
+            &mut e,
+            "sts_calls",
+            "Calls to the credential source (AssumeRole)",
+            s.source_calls,
+        )?;
+        counter(
+            &mut e,
+            "sts_errors",
+            "Failed calls to the credential source",
+            s.source_errors,
+        )?;
+        gauge(
+            &mut e,
+            "credential_cache_entries",
+            "Role sessions in the credential cache",
+            i64::try_from(self.broker.len()).unwrap_or(i64::MAX),
+        )?;
+        if let Some(index) = &self.index {
+            gauge(
+                &mut e,
+                "docker_containers",
+                "Running containers in the index",
+                i64::try_from(index.len()).unwrap_or(i64::MAX),
+            )?;
+            gauge(
+                &mut e,
+                "docker_index_synced",
+                "1 while the index mirrors the Docker Engine",
+                i64::from(index.is_ready()),
+            )?;
+        }
+        if let Some(d) = &self.docker {
+            gauge(
+                &mut e,
+                "docker_connected",
+                "1 while following the Docker Engine's events",
+                i64::from(d.connected.load(Ordering::Relaxed)),
+            )?;
+            counter(
+                &mut e,
+                "docker_watcher_restarts",
+                "Times the connection to the Docker Engine was lost",
+                d.reconnects.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut e,
+                "docker_api_calls",
+                "Calls made to the Docker Engine API",
+                d.api_calls.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut e,
+                "docker_events",
+                "Docker Engine events applied to the index",
+                d.events_applied.load(Ordering::Relaxed),
+            )?;
+        }
+        Ok(())
+    }
+}
