@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use crate::clock::format_iso8601;
 use crate::credentials::broker::Broker;
 use crate::credentials::observed::SourceHealth;
+use crate::ecs::AuthTokens;
 use crate::identity::{Identity, RoleState};
 use crate::index::Index;
 
@@ -24,6 +25,8 @@ pub struct Admin {
     pub identity: Arc<Identity>,
     pub index: Option<Index>,
     pub source: SourceHealth,
+    /// Derives the container-credentials endpoint's per-container tokens.
+    pub container_tokens: AuthTokens,
 }
 
 impl std::fmt::Debug for Admin {
@@ -69,10 +72,45 @@ impl Admin {
                 crate::metrics::render(&self.registry),
             ),
             "/v1/workloads" => respond(StatusCode::OK, JSON, format!("{:#}\n", self.workloads())),
+            "/v1/container-token" => self.container_token(req.uri().query().unwrap_or_default()),
             _ => respond(
                 StatusCode::NOT_FOUND,
                 TEXT,
                 "not found; try /healthz, /readyz, /metrics or /v1/workloads\n",
+            ),
+        }
+    }
+
+    /// `?container=NAME` (a container's name, known before it starts) or `?ip=ADDR` (a caller
+    /// that is not a container): the token it must send to the container-credentials endpoint
+    /// when `--ecs-auth` is on.
+    fn container_token(&self, query: &str) -> Response<Full<Bytes>> {
+        let mut subject = None;
+        for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+            let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
+            match k {
+                "container" if !v.is_empty() => {
+                    subject = Some(v.trim_start_matches('/').to_string())
+                }
+                "ip" => match v.parse::<std::net::IpAddr>() {
+                    Ok(ip) => subject = Some(format!("ip:{}", ip.to_canonical())),
+                    Err(_) => {
+                        return respond(
+                            StatusCode::BAD_REQUEST,
+                            TEXT,
+                            format!("{v:?} is not an IP address\n"),
+                        );
+                    }
+                },
+                _ => {}
+            }
+        }
+        match subject {
+            Some(s) => respond(StatusCode::OK, TEXT, self.container_tokens.token_for(&s)),
+            None => respond(
+                StatusCode::BAD_REQUEST,
+                TEXT,
+                "give ?container=NAME or ?ip=ADDR\n",
             ),
         }
     }

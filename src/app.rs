@@ -17,8 +17,9 @@ use crate::credentials::CredentialSource;
 use crate::credentials::broker::{Broker, Lease};
 use crate::credentials::fake::FakeSource;
 use crate::credentials::observed::ObservedSource;
-use crate::credentials::sts::{StsOptions, StsSetupError, StsSource};
+use crate::credentials::sts::{StsSetupError, StsSource};
 use crate::docker::{DockerStats, Watcher};
+use crate::ecs::{AuthTokens, Ecs};
 use crate::identity::Identity;
 use crate::identity::role::AccountContext;
 use crate::imds::Imds;
@@ -64,6 +65,8 @@ pub struct App {
     admin: Arc<Admin>,
     admin_listener: Option<TcpListener>,
     admin_addr: Option<SocketAddr>,
+    ecs: Arc<Ecs>,
+    ecs_listeners: Vec<TcpListener>,
     /// Keeps the credentials of callers known in advance cached and refreshed.
     _leases: Vec<Lease>,
 }
@@ -114,7 +117,8 @@ impl App {
             .map(|r| broker.retain(r))
             .collect();
 
-        let imds = Arc::new(Imds::new(
+        let ecs_tokens = AuthTokens::new(key.as_bytes());
+        let mut imds = Imds::new(
             Tree::build(&config.instance),
             Tokens::new(key),
             identity.clone(),
@@ -122,7 +126,14 @@ impl App {
             config.imds.clone(),
             clock,
             metrics.clone(),
-        ));
+        );
+        if let Some(proxy) = &config.proxy {
+            let upstream =
+                crate::proxy::Upstream::new(proxy.clone()).map_err(StartError::config)?;
+            tracing::info!(upstream = %proxy.upstream, deny_by_default = proxy.allow.is_some(), hide_user_data = proxy.hide_user_data, "proxy mode: forwarding what imdsd does not own");
+            imds = imds.with_upstream(Arc::new(upstream));
+        }
+        let imds = Arc::new(imds);
         match &config.docker {
             Some(d) => {
                 tracing::info!(docker = %d.host, networks = ?d.networks, "telling containers apart through the Docker Engine")
@@ -157,6 +168,18 @@ impl App {
             None => None,
         };
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let ecs_listeners = server::bind_all(&config.ecs_listen).await.map_err(|e| {
+            if e.is_configuration {
+                StartError::config(format!("--ecs-listen: {e}"))
+            } else {
+                StartError::Runtime(anyhow::Error::new(e))
+            }
+        })?;
+        let ecs = Arc::new(Ecs {
+            identity: identity.clone(),
+            broker: broker.clone(),
+            auth: config.ecs_auth.then(|| ecs_tokens.clone()),
+        });
         let admin = Arc::new(Admin {
             registry: crate::metrics::registry(
                 metrics.clone(),
@@ -168,6 +191,7 @@ impl App {
             identity: identity.clone(),
             index: index.clone(),
             source: source_health,
+            container_tokens: ecs_tokens,
         });
 
         tracing::info!(
@@ -193,6 +217,8 @@ impl App {
             admin,
             admin_listener,
             admin_addr,
+            ecs,
+            ecs_listeners,
             _leases: leases,
         })
     }
@@ -218,6 +244,14 @@ impl App {
     /// Where the admin API listens, if it does.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// Where the container-credentials endpoint listens.
+    pub fn ecs_addrs(&self) -> Vec<SocketAddr> {
+        self.ecs_listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -252,6 +286,22 @@ impl App {
             let handler = Arc::new(move |req, _caller| {
                 let admin = admin.clone();
                 async move { admin.handle(req).await }
+            });
+            tasks.spawn(server::serve(
+                listener,
+                handler,
+                self.server.clone(),
+                shutdown.clone(),
+            ));
+        }
+        for listener in self.ecs_listeners {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(addr = %addr, "serving container credentials");
+            }
+            let ecs = self.ecs.clone();
+            let handler = Arc::new(move |req, caller| {
+                let ecs = ecs.clone();
+                async move { ecs.handle(req, caller).await }
             });
             tasks.spawn(server::serve(
                 listener,
@@ -300,19 +350,11 @@ async fn build_source(
             };
             Ok((Arc::new(FakeSource::new(*lifetime, clock)), accounts))
         }
-        SourceConfig::Sts {
-            profile,
-            endpoint,
-            duration_seconds,
-            use_imds,
-        } => {
-            let options = StsOptions {
-                profile: profile.clone(),
-                region: config.region.clone(),
-                fallback_region: config.instance.region.clone(),
-                endpoint: endpoint.clone(),
-                duration_seconds: *duration_seconds,
-                use_imds: *use_imds,
+        SourceConfig::Sts { .. } => {
+            let Some(options) = config.sts_options() else {
+                return Err(StartError::Runtime(anyhow::anyhow!(
+                    "an STS source without STS options"
+                )));
             };
             // STS may be briefly unreachable while a host boots; an identity problem is final.
             let mut attempt = 0;

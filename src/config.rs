@@ -222,6 +222,48 @@ pub struct Cli {
     #[arg(long, env = "IMDSD_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<String>,
 
+    /// "emulate" serves a whole emulated instance; "proxy" forwards every path imdsd does not own
+    /// to --upstream (on EC2). MOCK_API=true/false is read too. [default: emulate]
+    #[arg(long, env = "IMDSD_MODE", value_name = "emulate|proxy")]
+    pub mode: Option<String>,
+
+    /// Proxy mode: the real metadata service. [default: http://169.254.169.254]
+    #[arg(long, env = "METADATA_URL", value_name = "URL")]
+    pub upstream: Option<String>,
+
+    /// Proxy mode: forward only these paths (comma-separated globs such as
+    /// "/latest/meta-data/placement/*", or presets such as "@node-termination-handler"); others
+    /// get 404. [default: every path but the host's identity credentials]
+    #[arg(
+        long,
+        env = "IMDSD_PROXY_ALLOW",
+        value_name = "PATTERNS",
+        value_delimiter = ','
+    )]
+    pub proxy_allow: Vec<String>,
+
+    /// Proxy mode: never show the host's user-data to containers.
+    #[arg(long, env = "IMDSD_HIDE_USER_DATA", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true")]
+    pub hide_user_data: Option<String>,
+
+    /// Also serve the container-credentials protocol (ECS / EKS Pod Identity) on these addresses,
+    /// e.g. 169.254.170.2:80 for AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials.
+    /// [default: off]
+    #[arg(
+        long,
+        env = "IMDSD_ECS_LISTEN",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
+    pub ecs_listen: Vec<String>,
+
+    /// Require each container-credentials request to carry its caller's token in Authorization
+    /// (AWS_CONTAINER_AUTHORIZATION_TOKEN); the admin API hands tokens out.
+    #[arg(long, env = "IMDSD_ECS_AUTH", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true")]
+    pub ecs_auth: Option<String>,
+
     /// How often the container index is compared with a full listing. [default: 5m]
     #[arg(long, env = "IMDSD_DOCKER_RESYNC", value_name = "DURATION")]
     pub docker_resync: Option<String>,
@@ -277,6 +319,12 @@ pub struct FileConfig {
     pub unknown_caller_wait: Option<String>,
     pub docker_resync: Option<String>,
     pub admin_listen: Option<String>,
+    pub ecs_listen: Option<Vec<String>>,
+    pub ecs_auth: Option<bool>,
+    pub mode: Option<String>,
+    pub upstream: Option<String>,
+    pub proxy_allow: Option<Vec<String>>,
+    pub hide_user_data: Option<bool>,
     /// Alias → role spec, for containers that choose a role by alias.
     pub role_aliases: Option<std::collections::BTreeMap<String, String>>,
     #[serde(default)]
@@ -301,6 +349,9 @@ pub enum SourceConfig {
         endpoint: Option<String>,
         duration_seconds: u32,
         use_imds: bool,
+        /// Proxy mode: the daemon's own identity is the host's instance profile, read through
+        /// the upstream metadata service.
+        imds_endpoint: Option<String>,
     },
 }
 
@@ -326,6 +377,11 @@ pub struct Config {
     pub docker: Option<DockerOptions>,
     /// Where the admin API listens; `None` disables it.
     pub admin_listen: Option<SocketAddr>,
+    /// Where the container-credentials endpoint listens (none: off).
+    pub ecs_listen: Vec<SocketAddr>,
+    pub ecs_auth: bool,
+    /// Proxy mode (`--mode proxy`): the upstream and what callers may see of it.
+    pub proxy: Option<crate::proxy::ProxyOptions>,
 }
 
 /// Everything wrong with the configuration, one line each.
@@ -533,6 +589,10 @@ fn flag_to_key(flag: &'static str) -> &'static str {
         "unknown-caller-wait" => "unknown_caller_wait",
         "docker-resync" => "docker_resync",
         "admin-listen" => "admin_listen",
+        "ecs-listen" => "ecs_listen",
+        "ecs-auth" => "ecs_auth",
+        "proxy-allow" => "proxy_allow",
+        "hide-user-data" => "hide_user_data",
         other => other,
     }
 }
@@ -944,6 +1004,46 @@ fn resolve(
         },
         None => Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT))),
     };
+    let mut ecs_listen = Vec::new();
+    if let Some((list, origin)) = pick_list(
+        &r,
+        "ecs_listen",
+        "ecs-listen",
+        "IMDSD_ECS_LISTEN",
+        &cli.ecs_listen,
+        file.ecs_listen.as_ref(),
+    ) {
+        for a in &list {
+            match parse_listen(a) {
+                // Port 0 (any free port) cannot collide.
+                Ok(addr)
+                    if addr.port() != 0
+                        && (listen.contains(&addr) || admin_listen == Some(addr)) =>
+                {
+                    r.problem(
+                        &origin,
+                        format!("{addr} is already the metadata or admin address; give the endpoint its own"),
+                    )
+                }
+                Ok(addr) if !ecs_listen.contains(&addr) => ecs_listen.push(addr),
+                Ok(_) => {}
+                Err(e) => r.problem(&origin, e),
+            }
+        }
+    }
+    let ecs_auth = r.boolean(
+        "ecs_auth",
+        "ecs-auth",
+        "IMDSD_ECS_AUTH",
+        &cli.ecs_auth,
+        file.ecs_auth,
+    );
+    if ecs_auth && ecs_listen.is_empty() {
+        r.problems.push(
+            "--ecs-auth is set but --ecs-listen is not: there is no container-credentials endpoint to protect"
+                .into(),
+        );
+    }
 
     let default_account_id = match r.pick(
         "default_account_id",
@@ -1054,6 +1154,12 @@ fn resolve(
             problems: vec!["the [instance] table is invalid".into()],
         });
     };
+    let proxy = resolve_proxy(&mut r, cli, &file, env, &listen);
+    if !r.problems.is_empty() {
+        return Err(ConfigError {
+            problems: r.problems,
+        });
+    }
     let source = if fake {
         SourceConfig::Fake {
             lifetime: fake_lifetime,
@@ -1063,7 +1169,8 @@ fn resolve(
             profile,
             endpoint: sts_endpoint,
             duration_seconds: role_duration,
-            use_imds: source_imds,
+            use_imds: source_imds || proxy.is_some(),
+            imds_endpoint: proxy.as_ref().map(|p| p.upstream.clone()),
         }
     };
     Ok(Config {
@@ -1101,7 +1208,120 @@ fn resolve(
         log_filter,
         docker,
         admin_listen,
+        ecs_listen,
+        ecs_auth,
+        proxy,
     })
+}
+
+/// `--mode proxy` and what goes with it.
+fn resolve_proxy(
+    r: &mut Resolver<'_>,
+    cli: &Cli,
+    file: &FileConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+    listen: &[SocketAddr],
+) -> Option<crate::proxy::ProxyOptions> {
+    // lyft's MOCK_API: true is emulate, false is proxy; --mode / IMDSD_MODE win.
+    let mode = r
+        .pick("mode", "mode", "IMDSD_MODE", cli.mode.clone(), None)
+        .or_else(|| {
+            env("MOCK_API").filter(|v| !v.trim().is_empty()).map(|v| {
+                let mode = match parse_bool(&v) {
+                    Some(false) => "proxy".to_string(),
+                    Some(true) => "emulate".to_string(),
+                    None => v,
+                };
+                (mode, Origin::Env("MOCK_API"))
+            })
+        })
+        .or_else(|| file.mode.clone().map(|m| (m, Origin::File("mode"))));
+    let proxy = r.choice(mode, &[("emulate", false), ("proxy", true)], false);
+    let upstream = r.pick(
+        "upstream",
+        "upstream",
+        "METADATA_URL",
+        cli.upstream.clone(),
+        file.upstream.clone(),
+    );
+    let allow = pick_list(
+        r,
+        "proxy_allow",
+        "proxy-allow",
+        "IMDSD_PROXY_ALLOW",
+        &cli.proxy_allow,
+        file.proxy_allow.as_ref(),
+    );
+    let hide_user_data = r.boolean(
+        "hide_user_data",
+        "hide-user-data",
+        "IMDSD_HIDE_USER_DATA",
+        &cli.hide_user_data,
+        file.hide_user_data,
+    );
+    if !proxy {
+        // Proxy settings without proxy mode are a mistake worth saying out loud.
+        let stray = upstream
+            .map(|(_, o)| o)
+            .or(allow.map(|(_, o)| o))
+            .or(hide_user_data.then_some(Origin::Flag("hide-user-data")));
+        if let Some(origin) = stray {
+            r.problem(&origin, "only applies with --mode proxy (MOCK_API=false)");
+        }
+        return None;
+    }
+    let mut options = crate::proxy::ProxyOptions {
+        hide_user_data,
+        ..crate::proxy::ProxyOptions::default()
+    };
+    if let Some((url, origin)) = upstream {
+        let url = url.trim().trim_end_matches('/').to_string();
+        let on_self = url
+            .strip_prefix("http://")
+            .and_then(|rest| parse_listen(rest).ok())
+            .is_some_and(|addr| listen.contains(&addr));
+        if on_self {
+            r.problem(
+                &origin,
+                format!("{url} is imdsd's own --listen address: it would forward to itself"),
+            );
+        }
+        options.upstream = url;
+    }
+    if let Some((entries, origin)) = allow {
+        match crate::proxy::expand_allow_list(&entries) {
+            Ok(patterns) => options.allow = Some(patterns),
+            Err(e) => r.problem(&origin, e),
+        }
+    }
+    if let Err(e) = crate::proxy::Upstream::new(options.clone()) {
+        r.problem(&Origin::Flag("upstream"), e);
+    }
+    Some(options)
+}
+
+impl Config {
+    /// How to reach STS, unless the credentials are fake.
+    pub fn sts_options(&self) -> Option<crate::credentials::sts::StsOptions> {
+        match &self.source {
+            SourceConfig::Fake { .. } => None,
+            SourceConfig::Sts {
+                profile,
+                endpoint,
+                duration_seconds,
+                use_imds,
+                imds_endpoint,
+            } => Some(crate::credentials::sts::StsOptions {
+                profile: profile.clone(),
+                region: self.region.clone(),
+                fallback_region: self.instance.region.clone(),
+                endpoint: endpoint.clone(),
+                duration_seconds: *duration_seconds,
+                use_imds: *use_imds,
+                imds_endpoint: imds_endpoint.clone(),
+            }),
+        }
+    }
 }
 
 /// The admin API's default port, on loopback.
@@ -1338,9 +1558,13 @@ fn resolve_containers(
 const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 
 /// `unix:///var/run/docker.sock`, lyft's `unix://var/run/docker.sock`, a bare socket path,
-/// `tcp://host:2375` or `http://host:2375`.
+/// `tcp://host:2375` or `http://host:2375`; or `synthetic:N`, made-up containers for benchmarks
+/// (see [`crate::docker::synthetic`]).
 fn normalise_docker_host(s: &str) -> Result<String, String> {
     let s = s.trim();
+    if let Some(n) = crate::docker::synthetic::count(s) {
+        return n.map(|n| format!("{}{n}", crate::docker::synthetic::SCHEME));
+    }
     if let Some(path) = s.strip_prefix("unix://") {
         let path = path.trim_start_matches('/');
         if path.is_empty() {
@@ -1600,7 +1824,23 @@ mod tests {
             .join("\n");
         let parsed: FileConfig = toml::from_str(&uncommented)
             .unwrap_or_else(|e| panic!("uncommented example does not parse: {e}\n{uncommented}"));
-        let f = file(&uncommented.replace("role_mapping_file = \"/etc/imdsd/roles.json\"", ""));
+        // Keys that need something the test machine lacks (the mapping file) or another mode
+        // (the proxy settings, checked in `proxy_mode_is_configured_and_checked`).
+        let runnable: String = uncommented
+            .lines()
+            .filter(|l| {
+                ![
+                    "role_mapping_file =",
+                    "upstream =",
+                    "proxy_allow =",
+                    "hide_user_data =",
+                ]
+                .iter()
+                .any(|k| l.starts_with(k))
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let f = file(&runnable);
         let path = f.path().to_str().expect("utf8").to_string();
         match parse(["imdsd", "--config", &path], &env_none) {
             Ok(Parsed::Run(_)) => {}
@@ -1654,6 +1894,12 @@ mod tests {
         unknown_caller_wait: (),
         docker_resync: (),
         admin_listen: (),
+        ecs_listen: (),
+        ecs_auth: (),
+        mode: (),
+        upstream: (),
+        proxy_allow: (),
+        hide_user_data: (),
     }
 
     #[test]
@@ -1701,6 +1947,16 @@ mod tests {
                 .host,
             "http://10.0.0.1:2375"
         );
+        // The benchmarks' made-up containers.
+        assert_eq!(
+            config(&["--docker-host", "synthetic:10000"])
+                .expect("valid")
+                .docker
+                .expect("d")
+                .host,
+            "synthetic:10000"
+        );
+        assert!(config(&["--docker-host", "synthetic:many"]).is_err());
 
         let err = config(&[
             "--docker-host",
@@ -1763,6 +2019,58 @@ mod tests {
             Ok(Parsed::Network(_))
         ));
         assert!(unit.contains("RestartPreventExitStatus=64"));
+    }
+
+    #[test]
+    fn proxy_mode_is_configured_and_checked() {
+        let c = config(&[
+            "--mode",
+            "proxy",
+            "--listen",
+            "127.0.0.1:8169",
+            "--upstream",
+            "http://127.0.0.1:9999/",
+            "--proxy-allow",
+            "/latest/meta-data/placement/*,@node-termination-handler",
+            "--hide-user-data",
+        ])
+        .expect("valid");
+        let p = c.proxy.expect("proxy mode");
+        assert_eq!(p.upstream, "http://127.0.0.1:9999");
+        assert!(p.hide_user_data);
+        assert!(
+            p.allow.expect("allow-list").len() > 2,
+            "the preset is expanded"
+        );
+        // The daemon's own identity comes from the upstream's instance profile.
+        assert!(matches!(
+            c.source,
+            SourceConfig::Sts { use_imds: true, imds_endpoint: Some(ref e), .. } if e == "http://127.0.0.1:9999"
+        ));
+
+        let lyft = |v: &str| {
+            let env = |k: &str| (k == "MOCK_API").then(|| v.to_string());
+            match parse(["imdsd", "--listen", "127.0.0.1:8169"], &env) {
+                Ok(Parsed::Run(c)) => c.proxy.is_some(),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(lyft("false") && !lyft("true"));
+
+        let err = config(&[
+            "--mode",
+            "proxy",
+            "--upstream",
+            "http://169.254.169.254",
+            "--proxy-allow",
+            "no-slash,@nope",
+        ])
+        .expect_err("invalid");
+        let all = err.problems.join("\n");
+        assert!(all.contains("forward to itself"), "{all}");
+        assert!(all.contains("--proxy-allow"), "{all}");
+        let err = config(&["--upstream", "http://10.0.0.1"]).expect_err("stray");
+        assert!(err.problems[0].contains("--mode proxy"), "{err}");
     }
 
     #[test]

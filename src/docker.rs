@@ -30,6 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::index::{Change, Container, Index, IndexWriter};
 
+pub mod synthetic;
+
 /// How to reach the engine and what to keep.
 #[derive(Debug, Clone)]
 pub struct DockerOptions {
@@ -98,6 +100,10 @@ impl Watcher {
     /// after a session that got as far as a full sync). The cap is low because callers are not
     /// served from the index while it is disconnected.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        // `--docker-host synthetic:N` (benchmarks): made-up containers, no engine to follow.
+        if let Some(Ok(n)) = synthetic::count(&self.options.host) {
+            return synthetic::run(n, &mut self.writer, &self.stats, shutdown).await;
+        }
         let mut backoff = INITIAL_BACKOFF;
         loop {
             let synced = tokio::select! {
@@ -365,7 +371,10 @@ fn endpoint_addresses(e: &bollard::models::EndpointSettings) -> Vec<IpAddr> {
 }
 
 /// Converts an inspect response into what the index keeps.
-fn to_container(details: ContainerInspectResponse, options: &DockerOptions) -> Option<Container> {
+pub(crate) fn to_container(
+    details: ContainerInspectResponse,
+    options: &DockerOptions,
+) -> Option<Container> {
     let state = details.state?;
     if state.running != Some(true) || state.restarting == Some(true) {
         return None;

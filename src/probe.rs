@@ -30,6 +30,11 @@ pub struct ProbeArgs {
     #[arg(long, value_name = "TOKEN")]
     pub foreign_token: Option<String>,
 
+    /// Use the container-credentials provider instead of IMDS (it reads
+    /// AWS_CONTAINER_CREDENTIALS_RELATIVE_URI / _FULL_URI and AWS_CONTAINER_AUTHORIZATION_TOKEN).
+    #[arg(long)]
+    pub container: bool,
+
     /// Print a freshly issued IMDSv2 token in the output.
     #[arg(long)]
     pub print_token: bool,
@@ -89,6 +94,9 @@ async fn probe(
     endpoint: &str,
     out: &mut serde_json::Map<String, Value>,
 ) -> Result<(), String> {
+    if args.container {
+        return probe_container(args, out).await;
+    }
     let authority = endpoint
         .parse::<http::Uri>()
         .ok()
@@ -145,17 +153,7 @@ async fn probe(
                 aws_sdk_sts::error::DisplayErrorContext(&e)
             )
         })?;
-    let key = credentials.access_key_id();
-    out.insert(
-        "access_key_id".into(),
-        json!(format!("…{}", &key[key.len().saturating_sub(4)..])),
-    );
-    if let Some(exp) = credentials.expiry() {
-        out.insert(
-            "expiration".into(),
-            json!(crate::clock::format_iso8601(exp)),
-        );
-    }
+    describe(&credentials, out);
     let region = ImdsRegionProvider::builder()
         .imds_client(client)
         .build()
@@ -179,25 +177,76 @@ async fn probe(
     }
 
     if args.sts {
-        let config = aws_config::defaults(BehaviorVersion::latest())
-            .credentials_provider(credentials)
-            .region(aws_config::Region::new(
-                region.unwrap_or_else(|| "us-east-1".into()),
-            ))
-            .load()
-            .await;
-        let identity = aws_sdk_sts::Client::new(&config)
-            .get_caller_identity()
-            .send()
-            .await
-            .map_err(|e| {
-                format!(
-                    "GetCallerIdentity failed: {}",
-                    aws_sdk_sts::error::DisplayErrorContext(&e)
-                )
-            })?;
-        out.insert("caller_arn".into(), json!(identity.arn()));
+        check_with_sts(credentials, region, out).await?;
     }
+    Ok(())
+}
+
+/// The container-credentials protocol, through the Rust SDK's own provider.
+async fn probe_container(
+    args: &ProbeArgs,
+    out: &mut serde_json::Map<String, Value>,
+) -> Result<(), String> {
+    out.insert("source".into(), json!("container"));
+    let credentials = aws_config::ecs::EcsCredentialsProvider::builder()
+        .build()
+        .provide_credentials()
+        .await
+        .map_err(|e| {
+            format!(
+                "no credentials: {}",
+                aws_sdk_sts::error::DisplayErrorContext(&e)
+            )
+        })?;
+    describe(&credentials, out);
+    if args.sts {
+        check_with_sts(credentials, None, out).await?;
+    }
+    Ok(())
+}
+
+/// The key's last four characters and the expiry: enough to compare, nothing secret.
+fn describe(
+    credentials: &aws_credential_types::Credentials,
+    out: &mut serde_json::Map<String, Value>,
+) {
+    let key = credentials.access_key_id();
+    out.insert(
+        "access_key_id".into(),
+        json!(format!("…{}", &key[key.len().saturating_sub(4)..])),
+    );
+    if let Some(exp) = credentials.expiry() {
+        out.insert(
+            "expiration".into(),
+            json!(crate::clock::format_iso8601(exp)),
+        );
+    }
+}
+
+/// Asks STS whose credentials these are.
+async fn check_with_sts(
+    credentials: aws_credential_types::Credentials,
+    region: Option<String>,
+    out: &mut serde_json::Map<String, Value>,
+) -> Result<(), String> {
+    let config = aws_config::defaults(BehaviorVersion::latest())
+        .credentials_provider(credentials)
+        .region(aws_config::Region::new(
+            region.unwrap_or_else(|| "us-east-1".into()),
+        ))
+        .load()
+        .await;
+    let identity = aws_sdk_sts::Client::new(&config)
+        .get_caller_identity()
+        .send()
+        .await
+        .map_err(|e| {
+            format!(
+                "GetCallerIdentity failed: {}",
+                aws_sdk_sts::error::DisplayErrorContext(&e)
+            )
+        })?;
+    out.insert("caller_arn".into(), json!(identity.arn()));
     Ok(())
 }
 

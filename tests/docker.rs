@@ -596,3 +596,47 @@ async fn the_compose_example_gives_the_app_its_role() {
         "the SDK's own default: {out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_container_gets_its_role_from_the_container_credentials_endpoint() {
+    docker::require_docker();
+    // The SDKs send AWS_CONTAINER_CREDENTIALS_RELATIVE_URI to 169.254.170.2: the host's address
+    // on this network.
+    let net = TestNetwork::create_container_credentials("ecs");
+    let d = fake_daemon(
+        &net,
+        "unix:///var/run/docker.sock",
+        &[
+            "--ecs-listen",
+            "169.254.170.2:80",
+            "--default-role",
+            "fallback",
+        ],
+    )
+    .await;
+    let c = TestContainer::run(
+        &RunOpts::new(&net, "ecs")
+            .env("IAM_ROLE", "role-e")
+            .env(
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                "/v2/credentials/e2e",
+            )
+            .args(["probe", "--container", "--hold", "60"]),
+    );
+    eventually(Duration::from_secs(30), "the probe's output", || {
+        c.logs().contains("\"ok\"")
+    })
+    .await;
+    let logs = c.logs();
+    assert!(logs.contains("\"ok\":true"), "{logs}");
+    let out = probe_output(&logs);
+    assert_eq!(out["source"], "container", "{out}");
+    // The same session the metadata service would give it, and its own role's: the admin API
+    // shows the container's credentials by the same key hint.
+    let workloads = common::raw(d.admin.expect("admin API"), "GET", "/v1/workloads", &[]).text();
+    assert!(
+        workloads.contains("role/role-e")
+            && workloads.contains(out["access_key_id"].as_str().expect("key")),
+        "{out}\n{workloads}"
+    );
+}

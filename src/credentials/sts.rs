@@ -49,6 +49,8 @@ pub struct StsOptions {
     pub duration_seconds: u32,
     /// Include the instance metadata service in the daemon's own credential chain.
     pub use_imds: bool,
+    /// Where that metadata service is (proxy mode: the upstream); `None` is the SDK's default.
+    pub imds_endpoint: Option<String>,
 }
 
 /// Who the daemon is, according to `sts:GetCallerIdentity`.
@@ -121,10 +123,20 @@ impl StsSource {
             EcsCredentialsProvider::builder().configure(&conf).build(),
         );
         if options.use_imds {
-            chain = chain.or_else(
-                "Ec2InstanceMetadata",
-                ImdsCredentialsProvider::builder().configure(&conf).build(),
-            );
+            let mut imds = ImdsCredentialsProvider::builder().configure(&conf);
+            if let Some(endpoint) = &options.imds_endpoint {
+                let client = aws_config::imds::Client::builder()
+                    .configure(&conf)
+                    .endpoint(endpoint.as_str())
+                    .map_err(|e| {
+                        StsSetupError::Identity(format!(
+                            "the metadata service endpoint {endpoint:?} is not usable: {e}"
+                        ))
+                    })?
+                    .build();
+                imds = imds.imds_client(client);
+            }
+            chain = chain.or_else("Ec2InstanceMetadata", imds.build());
         }
 
         // Ask the chain directly first: its error says which source failed and why, which a

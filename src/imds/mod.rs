@@ -23,6 +23,7 @@ use crate::credentials::SourceError;
 use crate::credentials::broker::{Broker, FetchError, Served};
 use crate::identity::{Assignment, Identity, Refusal, RoleState, Workload};
 use crate::metrics::{Metrics, Route};
+use crate::proxy::{Upstream, UpstreamError};
 use path::MetadataPath;
 use response::{
     ALLOW_METADATA, ALLOW_TOKEN, Body, ContentType, Responder, TOKEN_HEADER, TOKEN_TTL_HEADER,
@@ -74,6 +75,8 @@ pub struct Imds {
     options: ImdsOptions,
     clock: SharedClock,
     metrics: Arc<Metrics>,
+    /// Proxy mode: where paths imdsd does not own are forwarded.
+    upstream: Option<Arc<Upstream>>,
 }
 
 /// What the handler decided, for the request log.
@@ -115,7 +118,14 @@ impl Imds {
             options,
             clock,
             metrics,
+            upstream: None,
         }
+    }
+
+    /// Proxy mode: forward every path imdsd does not own to `upstream`.
+    pub fn with_upstream(mut self, upstream: Arc<Upstream>) -> Self {
+        self.upstream = Some(upstream);
+        self
     }
 
     /// Answers one request from `caller`.
@@ -209,7 +219,14 @@ impl Imds {
             None => None,
         };
 
-        let mut outcome = self.serve(&path, &workload).await;
+        let forward = Forward {
+            method: req.method(),
+            path_and_query: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().path(), |pq| pq.as_str()),
+        };
+        let mut outcome = self.serve(&path, &workload, &forward).await;
         outcome.workload = Some(workload);
         if let Some(left) = token_ttl {
             outcome
@@ -252,20 +269,61 @@ impl Imds {
         }
     }
 
-    async fn serve(&self, path: &MetadataPath, workload: &Workload) -> Outcome {
+    async fn serve(
+        &self,
+        path: &MetadataPath,
+        workload: &Workload,
+        request: &Forward<'_>,
+    ) -> Outcome {
         let r = &self.responder;
         let rest = match path {
+            MetadataPath::Root if self.upstream.is_some() => "",
             MetadataPath::Root => {
                 return r
                     .ok(self.tree.root_listing(), ContentType::Text, None)
                     .into();
             }
+            MetadataPath::UnknownVersion { .. } if self.upstream.is_some() => "",
             MetadataPath::UnknownVersion { .. } => return r.error(StatusCode::NOT_FOUND).into(),
             MetadataPath::Versioned { rest, .. } => rest.as_str(),
         };
+        let with_iam =
+            workload.role.listed_name().is_some() || matches!(workload.role, RoleState::Pending);
+        if let Some(upstream) = &self.upstream
+            && !(rest.starts_with(IAM_PREFIX)
+                && (rest.len() == IAM_PREFIX.len() || rest[IAM_PREFIX.len()..].starts_with('/')))
+        {
+            let mut response = self.forward(upstream, request).await;
+            let listing_base = match rest {
+                "meta-data" => Some("/latest/meta-data/"),
+                "" if matches!(path, MetadataPath::Versioned { .. }) => Some("/latest/"),
+                _ => None,
+            };
+            if let Some(base) = listing_base
+                && response.status() == StatusCode::OK
+            {
+                // The host's listing, with `iam/` only for callers that have a role of their own
+                // and without what the caller may not read.
+                let iam = (rest == "meta-data").then_some(with_iam);
+                response = adjust_listing(r, response, iam, |entry| {
+                    let probe = match (base, entry.strip_suffix('/')) {
+                        // The version's own listing: `dynamic`, `meta-data`, `user-data`.
+                        ("/latest/", _) if entry != "user-data" => return true,
+                        // A directory is shown if anything below it may be read; the one the
+                        // proxy always withholds is the host's identity credentials.
+                        (_, Some("identity-credentials")) => {
+                            format!("{base}identity-credentials/ec2/info")
+                        }
+                        (_, Some(_)) => return true,
+                        (_, None) => format!("{base}{entry}"),
+                    };
+                    upstream.allows(&probe)
+                })
+                .await;
+            }
+            return response.into();
+        }
         if rest == "meta-data" {
-            let with_iam = workload.role.listed_name().is_some()
-                || matches!(workload.role, RoleState::Pending);
             return r
                 .ok(
                     self.tree.meta_data_listing(with_iam),
@@ -283,6 +341,35 @@ impl Imds {
             Some(Node::Dir(listing)) => r.ok(listing.clone(), ContentType::Text, None).into(),
             Some(Node::Leaf(body, content_type)) => r.ok(body.clone(), *content_type, None).into(),
             None => r.error(StatusCode::NOT_FOUND).into(),
+        }
+    }
+
+    /// Proxy mode: the upstream's answer to a path imdsd does not own, if the caller may see it.
+    async fn forward(&self, upstream: &Upstream, request: &Forward<'_>) -> Response<Body> {
+        let r = &self.responder;
+        let path = request.path_and_query.split('?').next().unwrap_or_default();
+        // The listings that lead to allowed paths are always shown (filtered by the caller).
+        let listing = matches!(
+            path.trim_end_matches('/').rsplit_once('/'),
+            Some(("", _)) | Some((_, "meta-data"))
+        ) || path == "/";
+        if !listing && !upstream.allows(path) {
+            // "Not here", as for a path the instance does not have: a 403 would tell SDKs that
+            // the metadata service is turned off.
+            return r.error(StatusCode::NOT_FOUND);
+        }
+        match upstream
+            .forward(request.method, request.path_and_query)
+            .await
+        {
+            Ok(f) => r.forwarded(f.status, f.content_type, f.body),
+            Err(e) => {
+                tracing::warn!(path = request.path_and_query, error = %e, "cannot forward to the upstream metadata service");
+                r.error(match e {
+                    UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                    UpstreamError::Unreachable(_) => StatusCode::BAD_GATEWAY,
+                })
+            }
         }
     }
 
@@ -427,6 +514,41 @@ impl Imds {
             )
             .ok()
     }
+}
+
+/// What proxy mode forwards of a request.
+struct Forward<'a> {
+    method: &'a Method,
+    path_and_query: &'a str,
+}
+
+/// Rewrites an upstream listing (sorted, LF-separated, no final LF, as EC2 writes them): keeps the
+/// entries `keep` allows, and with `iam: Some(_)` puts `iam/` in or out.
+async fn adjust_listing(
+    r: &Responder,
+    response: Response<Body>,
+    iam: Option<bool>,
+    keep: impl Fn(&str) -> bool,
+) -> Response<Body> {
+    use http_body_util::BodyExt as _;
+    let (parts, body) = response.into_parts();
+    let Ok(collected) = body.collect().await;
+    let bytes = collected.to_bytes();
+    let text = String::from_utf8_lossy(&bytes);
+    let mut entries: Vec<&str> = text
+        .split('\n')
+        .filter(|e| !e.is_empty() && *e != "iam/" && keep(e))
+        .collect();
+    let had_iam = text.split('\n').any(|e| e == "iam/");
+    if iam.unwrap_or(had_iam) {
+        entries.push("iam/");
+        entries.sort_unstable();
+    }
+    r.forwarded(
+        parts.status,
+        parts.headers.get(header::CONTENT_TYPE).cloned(),
+        Bytes::from(entries.join("\n")),
+    )
 }
 
 /// The metrics route of a request path, by its shape alone (cheap, and no allocation).

@@ -100,7 +100,9 @@ impl ErrorPages {
             StatusCode::METHOD_NOT_ALLOWED => self.method_not_allowed.clone(),
             StatusCode::EXPECTATION_FAILED => self.expectation_failed.clone(),
             StatusCode::SERVICE_UNAVAILABLE => self.unavailable.clone(),
-            _ => self.internal_error.clone(),
+            StatusCode::INTERNAL_SERVER_ERROR => self.internal_error.clone(),
+            // Rare (502 and 504 in proxy mode): made when needed.
+            other => error_page(other),
         }
     }
 }
@@ -157,6 +159,17 @@ impl Responder {
             last_modified.map_or_else(|| self.started.clone(), http_date),
         );
         res
+    }
+
+    /// An upstream's answer passed on (proxy mode): its status, content type and bytes, with
+    /// imdsd's connection handling.
+    pub fn forwarded(
+        &self,
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    ) -> Response<Body> {
+        self.base(status, body, content_type.unwrap_or(TEXT_PLAIN))
     }
 
     /// An error page.

@@ -29,6 +29,8 @@ pub struct Daemon {
     /// The admin API's address, unless disabled.
     pub admin: Option<SocketAddr>,
     pub metrics: Arc<imdsd::metrics::Metrics>,
+    /// The container-credentials endpoint's addresses (`--ecs-listen`).
+    pub ecs: Vec<SocketAddr>,
 }
 
 impl Daemon {
@@ -66,6 +68,7 @@ impl Daemon {
         let app_broker = app.broker().clone();
         let index = app.index().cloned();
         let admin = app.admin_addr();
+        let ecs = app.ecs_addrs();
         let metrics = app.metrics().clone();
         let docker_stats = app.docker_stats().cloned();
         let shutdown = CancellationToken::new();
@@ -80,6 +83,7 @@ impl Daemon {
             docker_stats,
             admin,
             metrics,
+            ecs,
         }
     }
 
@@ -319,8 +323,9 @@ impl Process {
             .env_remove("DOCKER_URL")
             // Tests run many daemons at once; each gets its own admin port.
             .env("IMDSD_ADMIN_LISTEN", "127.0.0.1:0")
-            .envs(env.iter().copied())
+            // The daemon's own chain must not find the machine's IMDS, unless a test says so.
             .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

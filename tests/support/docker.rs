@@ -355,39 +355,61 @@ impl TestNetwork {
         let mut last_error = String::new();
         for i in 0..candidates.len() {
             let n = candidates[(start + i) % candidates.len()];
-            let subnet = format!("169.254.{n}.0/24");
-            let gateway = Ipv4Addr::new(169, 254, n, 1);
-            let mut args: Vec<String> = vec![
-                "network".into(),
-                "create".into(),
-                "--driver".into(),
-                "bridge".into(),
-                "--subnet".into(),
-                subnet.clone(),
-                "--gateway".into(),
-                gateway.to_string(),
-            ];
-            args.extend(ownership_labels());
-            args.push(name.clone());
-            let out = docker(&args);
-            if out.status.success() {
-                let network = TestNetwork {
-                    name,
-                    subnet,
-                    gateway: IpAddr::V4(gateway),
-                };
-                network.wait_gateway_bindable();
-                return network;
-            }
-            last_error = stderr_of(&out);
-            if last_error.contains("already exists") {
-                // Our name, from an earlier process that had our pid: it is stale.
-                remove_network(&name);
-            } else if !last_error.contains("overlap") {
-                panic!("`docker {}` failed: {last_error}", show_args(&args));
+            match Self::try_create(&name, n, 1) {
+                Ok(network) => return network,
+                Err(e) if e.contains("overlap") => last_error = e,
+                Err(e) => panic!("{e}"),
             }
         }
         panic!("no free link-local /24 for a test network; last error: {last_error}")
+    }
+
+    /// The container-credentials layout: `169.254.170.0/24` with the host at `169.254.170.2`,
+    /// the address the SDKs use for `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`. Ordinary test
+    /// networks never take this subnet; only one test may use it at a time.
+    pub fn create_container_credentials(label: &str) -> TestNetwork {
+        require_docker();
+        cleanup_stale_once();
+        let name = unique_name(label);
+        Self::try_create(&name, 170, 2).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `docker network create` on `169.254.<n>.0/24` with the gateway at `.<gateway_host>`.
+    fn try_create(name: &str, n: u8, gateway_host: u8) -> Result<TestNetwork, String> {
+        let subnet = format!("169.254.{n}.0/24");
+        let gateway = Ipv4Addr::new(169, 254, n, gateway_host);
+        let mut args: Vec<String> = vec![
+            "network".into(),
+            "create".into(),
+            "--driver".into(),
+            "bridge".into(),
+            "--subnet".into(),
+            subnet.clone(),
+            "--gateway".into(),
+            gateway.to_string(),
+        ];
+        args.extend(ownership_labels());
+        args.push(name.to_string());
+        let mut out = docker(&args);
+        if !out.status.success() && stderr_of(&out).contains("already exists") {
+            // Our name, from an earlier process that had our pid: it is stale.
+            remove_network(name);
+            out = docker(&args);
+        }
+        if !out.status.success() {
+            return Err(format!(
+                "`docker {}` failed: {}",
+                show_args(&args),
+                stderr_of(&out)
+            ));
+        }
+        let network = TestNetwork {
+            name: name.to_string(),
+            subnet,
+            gateway: IpAddr::V4(gateway),
+        };
+        network.wait_gateway_bindable();
+        Ok(network)
     }
 
     /// The address `169.254.N.<host>` in this network (for a container's fixed `ip`).
