@@ -289,16 +289,16 @@ impl Watcher {
         let mut gateways = Vec::new();
         for n in networks {
             for cfg in n.ipam.and_then(|i| i.config).unwrap_or_default() {
-                if let Some(subnet) = cfg.subnet.as_deref().and_then(|s| s.parse::<IpNet>().ok()) {
-                    subnets.push(subnet);
-                }
-                if let Some(gw) = cfg
+                let subnet = cfg.subnet.as_deref().and_then(|s| s.parse::<IpNet>().ok());
+                let gateway = cfg
                     .gateway
                     .as_deref()
                     .and_then(|g| g.parse::<IpAddr>().ok())
-                {
-                    gateways.push(gw);
-                }
+                    // Docker gives a subnet without an explicit gateway (typically an IPv6 one)
+                    // its first address, on the host's bridge: that caller is the host.
+                    .or_else(|| subnet.and_then(first_host));
+                subnets.extend(subnet);
+                gateways.extend(gateway);
             }
         }
         self.writer.set_networks(subnets, gateways);
@@ -360,6 +360,12 @@ impl Watcher {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// The first address after the network address (`10.0.0.1` in `10.0.0.0/24`, `fd00::1` in
+/// `fd00::/64`).
+fn first_host(net: IpNet) -> Option<IpAddr> {
+    net.hosts().find(|ip| *ip != net.network())
 }
 
 fn endpoint_addresses(e: &bollard::models::EndpointSettings) -> Vec<IpAddr> {
@@ -498,6 +504,14 @@ mod tests {
             c.addresses,
             vec!["172.18.0.2".parse::<IpAddr>().expect("ip")]
         );
+    }
+
+    #[test]
+    fn a_subnet_without_a_gateway_has_its_first_address_as_the_host() {
+        let v6: IpNet = "fd00:db8:1::/64".parse().expect("net");
+        assert_eq!(first_host(v6), Some("fd00:db8:1::1".parse().expect("ip")));
+        let v4: IpNet = "169.254.7.0/24".parse().expect("net");
+        assert_eq!(first_host(v4), Some("169.254.7.1".parse().expect("ip")));
     }
 
     #[test]

@@ -640,3 +640,50 @@ async fn a_container_gets_its_role_from_the_container_credentials_endpoint() {
         "{out}\n{workloads}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_container_is_known_by_its_ipv6_address_too() {
+    docker::require_docker();
+    let net = TestNetwork::create_dual_stack("v6");
+    // A container brings the bridge up, so that the host's IPv6 address becomes usable.
+    let _waker = TestContainer::run(
+        &RunOpts::new(&net, "waker")
+            .entrypoint("/bin/busybox")
+            .args(["sleep", "60"]),
+    );
+    net.wait_ipv6_gateway();
+    let gateway6 = net.gateway6.expect("dual stack");
+    let d = Daemon::start_on(
+        &format!("[{gateway6}]:0"),
+        &[
+            "--fake-credentials",
+            "--docker-host",
+            "unix:///var/run/docker.sock",
+            "--networks",
+            &net.name,
+            "--default-role",
+            "fallback",
+        ],
+        tempfile::tempdir().expect("tempdir"),
+    )
+    .await;
+    let index = d.index.clone().expect("index");
+    eventually(Duration::from_secs(20), "the first sync", || {
+        index.is_ready()
+    })
+    .await;
+    let endpoint = format!("http://{}", d.addr);
+    assert!(endpoint.contains('['), "{endpoint}");
+    let (exit, logs) = run_to_completion(
+        &RunOpts::new(&net, "six")
+            .env("IAM_ROLE", "role-six")
+            .args(probe_args(&endpoint, &["--print-token"])),
+        RUN_TIMEOUT,
+    );
+    assert_eq!(exit, 0, "{logs}");
+    assert_eq!(
+        probe_output(&logs)["role"],
+        "role-six",
+        "its own role over IPv6, not the default"
+    );
+}

@@ -333,11 +333,22 @@ pub struct TestNetwork {
     pub name: String,
     pub subnet: String,
     pub gateway: IpAddr,
+    /// The host's IPv6 address on a dual-stack network (`fd00:db8:N::1`).
+    pub gateway6: Option<IpAddr>,
 }
 
 impl TestNetwork {
     /// Creates `imdsd-test-<label>-<pid>-<n>` on a free `169.254.N.0/24`.
     pub fn create(label: &str) -> TestNetwork {
+        Self::create_on_free_subnet(label, false)
+    }
+
+    /// As [`TestNetwork::create`], plus IPv6 on `fd00:db8:N::/64` (the host at `::1`).
+    pub fn create_dual_stack(label: &str) -> TestNetwork {
+        Self::create_on_free_subnet(label, true)
+    }
+
+    fn create_on_free_subnet(label: &str, ipv6: bool) -> TestNetwork {
         require_docker();
         cleanup_stale_once();
         let name = unique_name(label);
@@ -355,7 +366,7 @@ impl TestNetwork {
         let mut last_error = String::new();
         for i in 0..candidates.len() {
             let n = candidates[(start + i) % candidates.len()];
-            match Self::try_create(&name, n, 1) {
+            match Self::try_create(&name, n, 1, ipv6) {
                 Ok(network) => return network,
                 Err(e) if e.contains("overlap") => last_error = e,
                 Err(e) => panic!("{e}"),
@@ -371,11 +382,11 @@ impl TestNetwork {
         require_docker();
         cleanup_stale_once();
         let name = unique_name(label);
-        Self::try_create(&name, 170, 2).unwrap_or_else(|e| panic!("{e}"))
+        Self::try_create(&name, 170, 2, false).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// `docker network create` on `169.254.<n>.0/24` with the gateway at `.<gateway_host>`.
-    fn try_create(name: &str, n: u8, gateway_host: u8) -> Result<TestNetwork, String> {
+    fn try_create(name: &str, n: u8, gateway_host: u8, ipv6: bool) -> Result<TestNetwork, String> {
         let subnet = format!("169.254.{n}.0/24");
         let gateway = Ipv4Addr::new(169, 254, n, gateway_host);
         let mut args: Vec<String> = vec![
@@ -388,6 +399,17 @@ impl TestNetwork {
             "--gateway".into(),
             gateway.to_string(),
         ];
+        let gateway6: Option<IpAddr> = ipv6.then(|| {
+            let g = std::net::Ipv6Addr::new(0xfd00, 0x0db8, u16::from(n), 0, 0, 0, 0, 1);
+            args.extend([
+                "--ipv6".into(),
+                "--subnet".into(),
+                format!("fd00:db8:{n:x}::/64"),
+                "--gateway".into(),
+                g.to_string(),
+            ]);
+            IpAddr::V6(g)
+        });
         args.extend(ownership_labels());
         args.push(name.to_string());
         let mut out = docker(&args);
@@ -407,6 +429,7 @@ impl TestNetwork {
             name: name.to_string(),
             subnet,
             gateway: IpAddr::V4(gateway),
+            gateway6,
         };
         network.wait_gateway_bindable();
         Ok(network)
@@ -424,14 +447,27 @@ impl TestNetwork {
     }
 
     fn wait_gateway_bindable(&self) {
+        self.wait_bindable(self.gateway);
+    }
+
+    /// Waits until the host can bind its IPv6 gateway address. A new IPv6 address stays
+    /// "tentative" until duplicate address detection is done, which needs the bridge up, i.e. a
+    /// container attached: call this after starting one.
+    pub fn wait_ipv6_gateway(&self) {
+        if let Some(g6) = self.gateway6 {
+            self.wait_bindable(g6);
+        }
+    }
+
+    fn wait_bindable(&self, gateway: IpAddr) {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            match TcpListener::bind((self.gateway, 0)) {
+            match TcpListener::bind((gateway, 0)) {
                 Ok(_) => return,
                 Err(e) if Instant::now() >= deadline => panic!(
-                    "network {} was created but its gateway {} is not an address of this host \
-                     ({e}); `ip addr` should show it on the network's bridge",
-                    self.name, self.gateway
+                    "network {} was created but its gateway {gateway} is not an address of this \
+                     host ({e}); `ip addr` should show it on the network's bridge",
+                    self.name
                 ),
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
