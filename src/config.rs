@@ -1550,6 +1550,7 @@ fn resolve_containers(
         host,
         resync_every,
         env_keys: rules.env_keys(),
+        label_keys: rules.label_keys(),
         networks,
     });
     (docker, rules)
@@ -1929,6 +1930,7 @@ mod tests {
             Some(vec!["a".to_string(), "b".to_string()])
         );
         assert!(docker.env_keys.contains(&"JOB".to_string()));
+        assert!(docker.label_keys.contains(&"imdsd.role".to_string()));
         let rules = &c.identity.containers;
         assert!(rules.aliases_only && rules.aliases.contains_key("db"));
         assert_eq!(rules.allowed_roles, vec!["app-*".to_string()]);

@@ -41,6 +41,8 @@ pub struct DockerOptions {
     pub resync_every: Duration,
     /// Environment variables copied from containers into the index (the rest are not kept).
     pub env_keys: Vec<String>,
+    /// Labels copied from containers into the index (the rest are not kept).
+    pub label_keys: Vec<String>,
     /// Only containers on these networks are served; `None` serves all.
     pub networks: Option<Vec<String>>,
 }
@@ -102,7 +104,7 @@ impl Watcher {
     pub async fn run(mut self, shutdown: CancellationToken) {
         // `--docker-host synthetic:N` (benchmarks): made-up containers, no engine to follow.
         if let Some(Ok(n)) = synthetic::count(&self.options.host) {
-            return synthetic::run(n, &mut self.writer, &self.stats, shutdown).await;
+            return synthetic::run(n, &self.options, &mut self.writer, &self.stats, shutdown).await;
         }
         let mut backoff = INITIAL_BACKOFF;
         loop {
@@ -408,19 +410,13 @@ pub(crate) fn to_container(
     if options.networks.is_some() && networks.is_empty() {
         return None;
     }
-    let env: BTreeMap<String, String> = config
-        .env
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|kv| {
+    let env = kept(
+        &options.env_keys,
+        config.env.unwrap_or_default().into_iter().filter_map(|kv| {
             let (k, v) = kv.split_once('=')?;
-            options
-                .env_keys
-                .iter()
-                .any(|key| key == k)
-                .then(|| (k.to_string(), v.to_string()))
-        })
-        .collect();
+            Some((k.to_string(), v.to_string()))
+        }),
+    );
     Some(Container {
         id,
         name: details
@@ -432,9 +428,21 @@ pub(crate) fn to_container(
         image: config.image.unwrap_or_default(),
         addresses,
         networks,
-        labels: config.labels.unwrap_or_default().into_iter().collect(),
+        labels: kept(&options.label_keys, config.labels.unwrap_or_default()),
         env,
     })
+}
+
+/// The pairs whose key is one of `keys`: what the index keeps of a container's environment and
+/// labels.
+pub(crate) fn kept(
+    keys: &[String],
+    pairs: impl IntoIterator<Item = (String, String)>,
+) -> BTreeMap<String, String> {
+    pairs
+        .into_iter()
+        .filter(|(k, _)| keys.iter().any(|key| key == k))
+        .collect()
 }
 
 #[cfg(test)]
@@ -458,7 +466,16 @@ mod tests {
                     "SECRET=x".into(),
                     "PATH=/bin".into(),
                 ]),
-                labels: Some([("imdsd.role".to_string(), "lbl".to_string())].into()),
+                labels: Some(
+                    [
+                        ("imdsd.role".to_string(), "lbl".to_string()),
+                        (
+                            "com.docker.compose.project.working_dir".to_string(),
+                            "/home/someone/src/app".to_string(),
+                        ),
+                    ]
+                    .into(),
+                ),
                 ..Default::default()
             }),
             network_settings: Some(NetworkSettings {
@@ -488,17 +505,19 @@ mod tests {
             host: "unix:///var/run/docker.sock".into(),
             resync_every: Duration::from_secs(60),
             env_keys: vec!["IAM_ROLE".into()],
+            label_keys: vec!["imdsd.role".into()],
             networks,
         }
     }
 
     #[test]
-    fn only_the_variables_imdsd_reads_are_kept() {
+    fn only_the_variables_and_labels_imdsd_reads_are_kept() {
         let c =
             to_container(details(true, &[("net", "172.18.0.2")]), &options(None)).expect("running");
         assert_eq!(c.name, "web_1");
         assert_eq!(c.env.len(), 1);
         assert_eq!(c.env["IAM_ROLE"], "app");
+        assert_eq!(c.labels.len(), 1);
         assert_eq!(c.labels["imdsd.role"], "lbl");
         assert_eq!(
             c.addresses,

@@ -21,10 +21,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
+use bytes::Bytes;
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 use tokio::sync::Notify;
@@ -84,11 +85,35 @@ pub struct Served {
     pub last_updated: SystemTime,
     /// When the background refresh for them starts.
     refresh_at: SystemTime,
+    /// The document the HTTP layer serves for these credentials, rendered on first use. It is a
+    /// function of the fields above alone, so it is rendered once per credentials rather than
+    /// once per request (formatting it was a tenth of a cached request's CPU time).
+    rendered: Rendered,
+}
+
+/// A rendered credentials document. `Debug` never shows it: it holds the secret key and token.
+#[derive(Default)]
+struct Rendered(OnceLock<Bytes>);
+
+impl std::fmt::Debug for Rendered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "<rendered>"
+        } else {
+            "<not rendered>"
+        })
+    }
 }
 
 impl Served {
     pub fn expiration(&self) -> SystemTime {
         self.credentials.expiration
+    }
+
+    /// The rendered document for these credentials: `render(self)` the first time, the same
+    /// bytes afterwards. `render` must depend on nothing but `self`.
+    pub fn rendered(&self, render: impl FnOnce(&Served) -> Bytes) -> Bytes {
+        self.rendered.0.get_or_init(|| render(self)).clone()
     }
 }
 
@@ -536,6 +561,7 @@ impl Inner {
             credentials,
             last_updated: crate::clock::floor_to_second(now),
             refresh_at: now + refresh_in,
+            rendered: Rendered::default(),
         }
     }
 
@@ -743,6 +769,22 @@ mod tests {
         );
         assert_eq!(source.calls(), 1);
         assert_eq!(broker.stats().misses, 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_document_is_rendered_once_per_credentials_and_never_debug_printed() {
+        let (broker, _, _) = setup(Duration::from_secs(3600));
+        let k = key("s");
+        let renders = AtomicU64::new(0);
+        let render = |s: &Served| {
+            renders.fetch_add(1, Ordering::SeqCst);
+            Bytes::from(s.credentials.secret_access_key.expose().to_string())
+        };
+        let first = broker.get(&k).await.expect("ok");
+        let again = broker.get(&k).await.expect("ok");
+        assert_eq!(first.rendered(render), again.rendered(render));
+        assert_eq!(renders.load(Ordering::SeqCst), 1);
+        assert!(!format!("{again:?}").contains(&"s".repeat(40)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,10 +6,11 @@
 //! same [`IndexWriter`] as the watcher's, so the index, the identity memo and the prefetched
 //! credential cache are exactly what a real engine with `N` containers would produce. Field sizes
 //! are realistic: 64-character ids, compose-style names and labels, `IAM_ROLE` in the environment
-//! (50 distinct roles), one IPv4 address each on `10.88.0.0/16`. No traffic is ever sent to those
-//! addresses; they are index keys only.
+//! (50 distinct roles), one IPv4 address each on `10.88.0.0/16`, and the labels and environment
+//! pass through the watcher's own filter. No traffic is ever sent to those addresses; they are
+//! index keys only.
 
-use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -18,7 +19,7 @@ use ipnet::IpNet;
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use super::DockerStats;
+use super::{DockerOptions, DockerStats, kept};
 use crate::index::{Change, Container, IndexWriter};
 
 /// The `--docker-host` prefix that selects this source.
@@ -47,34 +48,42 @@ pub fn count(host: &str) -> Option<Result<usize, String>> {
     })
 }
 
-/// The `i`-th synthetic container.
-pub fn container(i: usize) -> Container {
+/// The `i`-th synthetic container, as the watcher would index it under `options`: its
+/// environment and labels go through the same filter as a real container's.
+pub fn container(i: usize, options: &DockerOptions) -> Container {
     // A realistic id: 64 hex characters, stable for a given `i`.
     let digest = Sha256::digest(format!("imdsd-synthetic-{i}").as_bytes());
-    let id: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let mut id = String::with_capacity(64);
+    for b in digest {
+        let _ = write!(id, "{b:02x}");
+    }
     // .0 is the network and .1 the gateway; the containers start at .2.
     let offset = u32::try_from(i).unwrap_or(u32::MAX).saturating_add(2);
     let address = Ipv4Addr::from(u32::from(SUBNET).saturating_add(offset));
     let service = format!("service-{:03}", i % 500);
-    let labels: BTreeMap<String, String> = [
+    let replica = i / 500 + 1;
+    // What compose puts on a container, and a typical environment.
+    let labels = [
         ("com.docker.compose.project", "bench".to_string()),
         ("com.docker.compose.service", service.clone()),
-        (
-            "com.docker.compose.container-number",
-            format!("{}", i / 500 + 1),
-        ),
+        ("com.docker.compose.container-number", replica.to_string()),
         ("com.docker.compose.config-hash", id.chars().rev().collect()),
         ("com.docker.compose.version", "2.29.7".to_string()),
         (
-            "org.opencontainers.image.source",
-            format!("https://git.example.com/bench/{service}"),
+            "com.docker.compose.project.working_dir",
+            "/srv/bench".to_string(),
         ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    ];
+    let env = [
+        (
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        ),
+        ("HOSTNAME", &id[..12]),
+        ("IAM_ROLE", &format!("bench-role-{:02}", i % ROLES)),
+    ];
     Container {
-        name: format!("bench-{service}-{}", i / 500 + 1),
+        name: format!("bench-{service}-{replica}"),
         started_at: format!(
             "2026-01-01T00:{:02}:{:02}.123456789Z",
             (i / 60) % 60,
@@ -83,12 +92,14 @@ pub fn container(i: usize) -> Container {
         image: format!("registry.example.com/bench/{service}:1.0.{}", i % 7),
         addresses: vec![IpAddr::V4(address)],
         networks: vec!["bench_default".to_string()],
-        labels,
-        env: [(
-            "IAM_ROLE".to_string(),
-            format!("bench-role-{:02}", i % ROLES),
-        )]
-        .into(),
+        labels: kept(
+            &options.label_keys,
+            labels.into_iter().map(|(k, v)| (k.to_string(), v)),
+        ),
+        env: kept(
+            &options.env_keys,
+            env.into_iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        ),
         id,
     }
 }
@@ -97,6 +108,7 @@ pub fn container(i: usize) -> Container {
 /// waits for `shutdown`. There are no events afterwards: the containers run forever.
 pub async fn run(
     n: usize,
+    options: &DockerOptions,
     writer: &mut IndexWriter,
     stats: &Arc<DockerStats>,
     shutdown: CancellationToken,
@@ -107,7 +119,9 @@ pub async fn run(
         .into_iter()
         .collect();
     writer.set_networks(subnets, vec![IpAddr::V4(GATEWAY)]);
-    writer.apply(Change::Replace((0..n).map(container).collect()));
+    writer.apply(Change::Replace(
+        (0..n).map(|i| container(i, options)).collect(),
+    ));
     stats.connected.store(true, Ordering::Release);
     writer.set_ready();
     tracing::warn!(
@@ -120,6 +134,18 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::container::ContainerRules;
+
+    fn options() -> DockerOptions {
+        let rules = ContainerRules::default();
+        DockerOptions {
+            host: "synthetic:1000".into(),
+            resync_every: std::time::Duration::from_secs(300),
+            env_keys: rules.env_keys(),
+            label_keys: rules.label_keys(),
+            networks: None,
+        }
+    }
 
     #[test]
     fn only_synthetic_hosts_with_a_usable_count_are_recognised() {
@@ -132,8 +158,8 @@ mod tests {
 
     #[test]
     fn containers_look_real_and_are_distinct() {
-        let a = container(0);
-        let b = container(9_999);
+        let a = container(0, &options());
+        let b = container(9_999, &options());
         assert_eq!(a.id.len(), 64);
         assert!(a.id.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a.id, b.id);
@@ -145,8 +171,10 @@ mod tests {
             b.addresses,
             vec!["10.88.39.17".parse::<IpAddr>().expect("ip")]
         );
+        // Filtered as real containers are: only what imdsd reads is kept.
+        assert_eq!(a.env.len(), 1);
         assert_eq!(a.env["IAM_ROLE"], "bench-role-00");
-        assert!(a.labels.len() >= 5);
+        assert!(a.labels.is_empty());
     }
 
     #[tokio::test]
@@ -155,13 +183,13 @@ mod tests {
         let stats = Arc::new(DockerStats::default());
         let shutdown = CancellationToken::new();
         shutdown.cancel();
-        run(1_000, &mut writer, &stats, shutdown).await;
+        run(1_000, &options(), &mut writer, &stats, shutdown).await;
         assert!(index.is_ready());
         assert_eq!(index.len(), 1_000);
         let c = index
             .lookup("10.88.3.233".parse().expect("ip"))
             .expect("the 1000th container");
-        assert_eq!(*c, container(999));
+        assert_eq!(*c, container(999, &options()));
         assert!(index.is_container_address("10.88.200.1".parse().expect("ip")));
         assert!(!index.is_container_address("10.88.0.1".parse().expect("ip")));
         assert!(stats.connected.load(Ordering::Acquire));

@@ -113,6 +113,25 @@ impl ContainerRules {
         keys
     }
 
+    /// The labels the watcher must keep from each container: the ones this module reads. The
+    /// rest (compose adds ten or so, some of them long paths) would only take memory, about a
+    /// kilobyte per container.
+    pub fn label_keys(&self) -> Vec<String> {
+        let mut keys = vec![
+            self.label("role-alias"),
+            COMPAT_ALIAS_LABEL.to_string(),
+            self.label("role"),
+            self.label("external-id"),
+            self.label("policy"),
+            COMPAT_POLICY_LABEL.to_string(),
+        ];
+        if let Some(SessionKey::Label(k)) = &self.session_key {
+            keys.push(k.clone());
+        }
+        keys.dedup();
+        keys
+    }
+
     fn label(&self, suffix: &str) -> String {
         format!("{}.{suffix}", self.label_prefix)
     }
@@ -333,6 +352,45 @@ mod tests {
 
     fn decide_for(rules: &ContainerRules, c: &Container) -> Option<Decision> {
         requested(rules, c).map(|r| decide(rules, &aliases(), &accounts(), &r))
+    }
+
+    #[test]
+    fn every_label_read_here_is_kept_by_the_watcher_and_nothing_else() {
+        let rules = ContainerRules {
+            label_prefix: "com.example.iam".into(),
+            session_key: Some(SessionKey::Label("team.job".into())),
+            ..ContainerRules::default()
+        };
+        let keys = rules.label_keys();
+        for label in [
+            "com.example.iam.role-alias",
+            "com.example.iam.role",
+            "com.example.iam.external-id",
+            "com.example.iam.policy",
+            COMPAT_ALIAS_LABEL,
+            COMPAT_POLICY_LABEL,
+            "team.job",
+        ] {
+            assert!(keys.iter().any(|k| k == label), "{label} is dropped");
+        }
+        assert!(!keys.iter().any(|k| k.starts_with("com.docker.compose")));
+        let all = container(
+            &[
+                ("com.example.iam.role", "app"),
+                ("com.example.iam.external-id", "x-1"),
+                ("com.example.iam.policy", "{}"),
+                ("team.job", "nightly"),
+                ("com.docker.compose.service", "web"),
+            ],
+            &[],
+        );
+        let mut filtered = all.clone();
+        filtered.labels.retain(|k, _| keys.contains(k));
+        assert_eq!(filtered.labels.len(), 4);
+        assert_eq!(requested(&rules, &filtered), requested(&rules, &all));
+        assert_eq!(external_id(&rules, &filtered), Some("x-1".into()));
+        assert_eq!(policy(&rules, &filtered), Some("{}".into()));
+        assert_eq!(session_key_value(&rules, &filtered), Some("nightly".into()));
     }
 
     #[test]

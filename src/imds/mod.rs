@@ -450,7 +450,7 @@ impl Imds {
         let r = &self.responder;
         match self.broker.get(&assignment.request).await {
             Ok(served) => r.ok(
-                credentials_document(&served),
+                served.rendered(credentials_document),
                 ContentType::Text,
                 Some(served.last_updated),
             ),
