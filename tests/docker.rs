@@ -106,14 +106,24 @@ async fn three_containers_get_three_roles_checked_by_sts() {
     // Each container names its role its own way, and asks the moment it starts.
     let probe = probe_args(&endpoint, &["--sts"]);
     let specs: [(&str, RunOpts); 3] = [
-        ("role-a", RunOpts::new(&net, "a").env("IAM_ROLE", "role-a")),
+        // Fixed addresses: the probes exit at once, before Docker could be asked for theirs.
+        (
+            "role-a",
+            RunOpts::new(&net, "a")
+                .ip(net.host(11))
+                .env("IAM_ROLE", "role-a"),
+        ),
         (
             "role-b",
-            RunOpts::new(&net, "b").label("imdsd.role", "role-b@123456789012"),
+            RunOpts::new(&net, "b")
+                .ip(net.host(12))
+                .label("imdsd.role", "role-b@123456789012"),
         ),
         (
             "role-c",
-            RunOpts::new(&net, "c").label("imdsd.role-alias", "gamma"),
+            RunOpts::new(&net, "c")
+                .ip(net.host(13))
+                .label("imdsd.role-alias", "gamma"),
         ),
     ];
     let containers: Vec<(&str, TestContainer)> = specs
