@@ -147,12 +147,7 @@ async fn probe(
         .build()
         .provide_credentials()
         .await
-        .map_err(|e| {
-            format!(
-                "no credentials: {}",
-                aws_sdk_sts::error::DisplayErrorContext(&e)
-            )
-        })?;
+        .map_err(no_credentials)?;
     describe(&credentials, out);
     let region = ImdsRegionProvider::builder()
         .imds_client(client)
@@ -192,17 +187,19 @@ async fn probe_container(
         .build()
         .provide_credentials()
         .await
-        .map_err(|e| {
-            format!(
-                "no credentials: {}",
-                aws_sdk_sts::error::DisplayErrorContext(&e)
-            )
-        })?;
+        .map_err(no_credentials)?;
     describe(&credentials, out);
     if args.sts {
         check_with_sts(credentials, None, out).await?;
     }
     Ok(())
+}
+
+fn no_credentials(e: aws_credential_types::provider::error::CredentialsError) -> String {
+    format!(
+        "no credentials: {}",
+        aws_sdk_sts::error::DisplayErrorContext(&e)
+    )
 }
 
 /// The key's last four characters and the expiry: enough to compare, nothing secret.

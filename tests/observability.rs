@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{Daemon, Process, raw, run_to_exit};
 use serde_json::Value;
-use sts_support::{Behaviour, Moto, OPERATOR_ENV, ScriptedSts};
+use sts_support::{Behaviour, Moto, ScriptedSts, sts_daemon};
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/app";
 
@@ -147,21 +147,6 @@ fn the_admin_api_never_shares_the_metadata_address() {
         stderr.contains("--admin-listen") && stderr.contains("127.0.0.1:9169"),
         "{stderr}"
     );
-}
-
-fn sts_daemon(sts: &str, args: &[&str]) -> (Process, tempfile::TempDir) {
-    let state = tempfile::tempdir().expect("tempdir");
-    let state_path = state.path().to_str().expect("utf8").to_string();
-    let mut all = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--state-dir",
-        &state_path,
-        "--sts-endpoint",
-        sts,
-    ];
-    all.extend_from_slice(args);
-    (Process::spawn(&all, OPERATOR_ENV), state)
 }
 
 async fn eventually_status(addr: SocketAddr, path: &str, want: u16, limit: Duration) -> String {

@@ -11,23 +11,11 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{Process, raw, run_python};
-use sts_support::{Behaviour, Moto, OPERATOR_ENV, ScriptedSts, get_from};
+use sts_support::{Behaviour, Moto, ScriptedSts, get_from};
 
 /// Starts the daemon against `sts` with the operator's static keys.
 fn daemon(sts: &str, args: &[&str]) -> (Process, tempfile::TempDir) {
-    let state = tempfile::tempdir().expect("tempdir");
-    let state_path = state.path().to_str().expect("utf8").to_string();
-    let mut all = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--state-dir",
-        &state_path,
-        "--sts-endpoint",
-        sts,
-    ];
-    all.extend_from_slice(args);
-    let p = Process::spawn(&all, OPERATOR_ENV);
-    (p, state)
+    sts_support::sts_daemon(sts, args)
 }
 
 fn mapping_file(json: &str) -> tempfile::NamedTempFile {

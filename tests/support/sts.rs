@@ -27,6 +27,23 @@ pub const OPERATOR_ENV: &[(&str, &str)] = &[
     ("AWS_REGION", "us-east-1"),
 ];
 
+/// The daemon as a process on loopback against `sts`, with the operator's static keys; the state
+/// directory lives as long as the returned guard.
+pub fn sts_daemon(sts: &str, args: &[&str]) -> (super::common::Process, tempfile::TempDir) {
+    let state = tempfile::tempdir().expect("tempdir");
+    let state_path = state.path().to_str().expect("utf8").to_string();
+    let mut all = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        &state_path,
+        "--sts-endpoint",
+        sts,
+    ];
+    all.extend_from_slice(args);
+    (super::common::Process::spawn(&all, OPERATOR_ENV), state)
+}
+
 /// moto's server on a free loopback port, stopped when dropped.
 pub struct Moto {
     pub url: String,
