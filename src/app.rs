@@ -179,6 +179,7 @@ impl App {
             identity: identity.clone(),
             broker: broker.clone(),
             auth: config.ecs_auth.then(|| ecs_tokens.clone()),
+            access_log_burst: config.imds.access_log_burst,
         });
         let admin = Arc::new(Admin {
             registry: crate::metrics::registry(

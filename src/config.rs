@@ -153,6 +153,12 @@ pub struct Cli {
     #[arg(long, env = "IMDSD_LOG", value_name = "FILTER")]
     pub log_level: Option<String>,
 
+    /// Identical access lines (same method, path, status, user agent) written per caller and
+    /// second; the rest are counted and reported on the caller's next line. 0 writes every
+    /// request. [default: 10]
+    #[arg(long, env = "IMDSD_ACCESS_LOG_BURST", value_name = "LINES")]
+    pub access_log_burst: Option<String>,
+
     /// Keep connections open between requests (EC2 closes them; useful under heavy load).
     #[arg(long, env = "IMDSD_KEEP_ALIVE", value_name = "BOOL", num_args = 0..=1,
           require_equals = true, default_missing_value = "true")]
@@ -306,6 +312,7 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     pub log_format: Option<String>,
     pub log_level: Option<String>,
+    pub access_log_burst: Option<u32>,
     pub keep_alive: Option<bool>,
     pub strict_expect: Option<bool>,
     pub forwarded_for: Option<String>,
@@ -573,6 +580,7 @@ fn flag_to_key(flag: &'static str) -> &'static str {
         "refresh-threshold" => "refresh_threshold",
         "state-dir" => "state_dir",
         "log-format" => "log_format",
+        "access-log-burst" => "access_log_burst",
         "log-level" => "log_level",
         "keep-alive" => "keep_alive",
         "strict-expect" => "strict_expect",
@@ -767,6 +775,22 @@ fn resolve(
             f
         }
         None => "info".into(),
+    };
+    let access_log_burst = match r.pick(
+        "access_log_burst",
+        "access-log-burst",
+        "IMDSD_ACCESS_LOG_BURST",
+        cli.access_log_burst.clone(),
+        file.access_log_burst.map(|n| n.to_string()),
+    ) {
+        Some((s, origin)) => s.trim().parse::<u32>().unwrap_or_else(|_| {
+            r.problem(
+                &origin,
+                format!("{s:?} is not a number of lines; write 0 to log every request, or e.g. 10"),
+            );
+            crate::logging::DEFAULT_ACCESS_LOG_BURST
+        }),
+        None => crate::logging::DEFAULT_ACCESS_LOG_BURST,
     };
     let fake = r.boolean(
         "fake_credentials",
@@ -1181,6 +1205,7 @@ fn resolve(
             endpoint_enabled,
             reject_forwarded,
             strict_expect,
+            access_log_burst,
             connection: if keep_alive {
                 Connection::KeepAlive
             } else {
@@ -1881,6 +1906,7 @@ mod tests {
         state_dir: (),
         log_format: (),
         log_level: (),
+        access_log_burst: (),
         keep_alive: (),
         strict_expect: (),
         forwarded_for: (),

@@ -23,6 +23,7 @@ use crate::clock::format_iso8601;
 use crate::credentials::SourceError;
 use crate::credentials::broker::{Broker, FetchError};
 use crate::identity::{Identity, RoleState, Workload};
+use crate::logging::{ACCESS_TARGET, AccessLine};
 
 /// Paths served: `/v2/credentials` (ECS style) and `/v1/credentials` (EKS Pod Identity style),
 /// and anything below them (`/v2/credentials/<id>`); the query string is ignored.
@@ -79,6 +80,8 @@ pub struct Ecs {
     pub broker: Broker,
     /// `Some` when `Authorization` is required.
     pub auth: Option<AuthTokens>,
+    /// Identical access lines written per caller and second (see `crate::logging::RepeatFilter`).
+    pub access_log_burst: u32,
 }
 
 fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -105,20 +108,40 @@ impl Ecs {
     ) -> Response<Full<Bytes>> {
         let started = tokio::time::Instant::now();
         let (response, workload) = self.route(&req, caller).await;
-        let container = workload.as_deref().and_then(|w| w.container.as_deref());
-        tracing::info!(
-            target: "imdsd::access",
-            endpoint = "container-credentials",
-            method = %req.method(),
-            path = req.uri().path(),
-            caller = %caller,
-            container = container.map(|c| c.name.as_str()),
-            container_id = container.map(|c| c.short_id()),
-            role = workload.as_deref().and_then(|w| w.role.assignment()).map(|a| a.request.role_arn.as_str()),
-            status = response.status().as_u16(),
-            micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            agent = req.headers().get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("-"),
-        );
+        if tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
+            let workload = workload.as_deref();
+            let line = AccessLine {
+                method: req.method(),
+                path: req.uri().path(),
+                status: response.status(),
+                agent: req
+                    .headers()
+                    .get(http::header::USER_AGENT)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-"),
+            };
+            if let Some(suppressed) = line.admit(
+                workload.map(|w| &w.access_log),
+                self.access_log_burst,
+                started.into_std(),
+            ) {
+                let container = workload.and_then(|w| w.container.as_deref());
+                tracing::info!(
+                    target: ACCESS_TARGET,
+                    endpoint = "container-credentials",
+                    method = %line.method,
+                    path = line.path,
+                    caller = %caller,
+                    container = container.map(|c| c.name.as_str()),
+                    container_id = container.map(|c| c.short_id()),
+                    role = workload.and_then(|w| w.role.assignment()).map(|a| a.request.role_arn.as_str()),
+                    status = line.status.as_u16(),
+                    micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    agent = line.agent,
+                    suppressed,
+                );
+            }
+        }
         response
     }
 
@@ -192,7 +215,11 @@ impl Ecs {
                 );
             }
         };
-        match self.broker.get(&assignment.request).await {
+        match self
+            .broker
+            .get_via(&assignment.cache, &assignment.request, self.broker.now())
+            .await
+        {
             Ok(served) => {
                 let c = &served.credentials;
                 let arn = &assignment.request.role_arn;

@@ -1,11 +1,10 @@
 //! The `imdsd` binary: reads the configuration, sets up logging, runs the daemon until SIGTERM or
 //! SIGINT (or runs a tool: `probe`, `doctor`, `network`), and maps the outcome to an exit code (0 clean, 64 configuration, 1 runtime failure).
 
-use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use imdsd::app::{App, StartError};
-use imdsd::config::{self, LogFormat, Parsed};
+use imdsd::config::{self, Parsed};
 use tokio_util::sync::CancellationToken;
 
 const EX_USAGE: u8 = 64;
@@ -26,7 +25,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    init_logging(config.log_format, &config.log_filter);
+    imdsd::logging::init(config.log_format, &config.log_filter);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -86,20 +85,4 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     shutdown.cancel();
-}
-
-fn init_logging(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
 }

@@ -5,8 +5,8 @@
 //! The request path only increments atomics: `prometheus-client`'s families take a read lock on
 //! a map that is written once per new label combination.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -37,6 +37,16 @@ pub enum Route {
 }
 
 impl Route {
+    fn index(self) -> usize {
+        match self {
+            Route::Token => 0,
+            Route::Credentials => 1,
+            Route::Iam => 2,
+            Route::Metadata => 3,
+            Route::Other => 4,
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Route::Token => "token",
@@ -59,23 +69,31 @@ struct RouteLabels {
     route: &'static str,
 }
 
-/// The status codes the service answers with, as label values without allocating.
-fn status_label(status: u16) -> &'static str {
+/// The status codes the service answers with, as label values without allocating; anything else
+/// is counted as `other`.
+const STATUS_LABELS: [&str; 12] = [
+    "200", "400", "401", "403", "404", "405", "417", "500", "502", "503", "504", "other",
+];
+
+/// Where `status` is in [`STATUS_LABELS`].
+fn status_index(status: u16) -> usize {
     match status {
-        200 => "200",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        417 => "417",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        _ => "other",
+        200 => 0,
+        400 => 1,
+        401 => 2,
+        403 => 3,
+        404 => 4,
+        405 => 5,
+        417 => 6,
+        500 => 7,
+        502 => 8,
+        503 => 9,
+        504 => 10,
+        _ => 11,
     }
 }
+
+const ROUTES: usize = 5;
 
 /// Seconds: 50 µs to ~3 s, doubling. The request path is expected in the lowest buckets; cold
 /// STS calls land in the top ones.
@@ -88,6 +106,11 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabels, Histogram>,
+    /// The members of `requests` and `latency` the request path has used, by route and status
+    /// index: each is looked up in its family (a lock and a hash of the labels) once, then
+    /// shared (they count into the same atomics). Series still appear only once used.
+    request_counters: [[OnceLock<Counter>; STATUS_LABELS.len()]; ROUTES],
+    route_latency: [OnceLock<Histogram>; ROUTES],
     tokens_issued: Counter,
     tokens_rejected: Counter,
     sts_latency: Histogram,
@@ -98,6 +121,8 @@ impl Default for Metrics {
         Self {
             requests: Family::default(),
             latency: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            request_counters: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+            route_latency: std::array::from_fn(|_| OnceLock::new()),
             tokens_issued: Counter::default(),
             tokens_rejected: Counter::default(),
             sts_latency: Histogram::new(latency_buckets()),
@@ -107,15 +132,25 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn request(&self, route: Route, status: u16, elapsed: Duration) {
-        let route = route.as_str();
-        self.requests
-            .get_or_create(&RequestLabels {
-                route,
-                status: status_label(status),
+        let status = status_index(status);
+        self.request_counters[route.index()][status]
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        route: route.as_str(),
+                        status: STATUS_LABELS[status],
+                    })
+                    .clone()
             })
             .inc();
-        self.latency
-            .get_or_create(&RouteLabels { route })
+        self.route_latency[route.index()]
+            .get_or_init(|| {
+                self.latency
+                    .get_or_create(&RouteLabels {
+                        route: route.as_str(),
+                    })
+                    .clone()
+            })
             .observe(elapsed.as_secs_f64());
     }
 
@@ -137,7 +172,7 @@ impl Metrics {
         self.requests
             .get_or_create(&RequestLabels {
                 route: route.as_str(),
-                status: status_label(status),
+                status: STATUS_LABELS[status_index(status)],
             })
             .get()
     }
@@ -302,5 +337,52 @@ impl Collector for Scraped {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+
+    #[test]
+    fn every_status_has_its_own_label_and_the_rest_are_other() {
+        for status in 100..600 {
+            let label = STATUS_LABELS[status_index(status)];
+            if label == "other" {
+                assert!(!STATUS_LABELS.contains(&status.to_string().as_str()));
+            } else {
+                assert_eq!(label, status.to_string());
+            }
+        }
+    }
+
+    #[test]
+    fn remembered_series_count_into_the_exported_families() {
+        let metrics = Arc::new(Metrics::default());
+        let mut registry = Registry::default();
+        registry.register("requests", "", metrics.requests.clone());
+        registry.register("latency", "", metrics.latency.clone());
+        for _ in 0..3 {
+            metrics.request(Route::Credentials, 200, Duration::from_micros(80));
+        }
+        metrics.request(Route::Token, 401, Duration::from_micros(80));
+        metrics.request(Route::Other, 418, Duration::from_micros(80));
+        assert_eq!(metrics.requests_for(Route::Credentials, 200), 3);
+        let mut text = String::new();
+        encode(&mut text, &registry).expect("encode");
+        for line in [
+            r#"requests_total{route="credentials",status="200"} 3"#,
+            r#"requests_total{route="token",status="401"} 1"#,
+            r#"requests_total{route="other",status="other"} 1"#,
+            r#"latency_count{route="credentials"} 3"#,
+        ] {
+            assert!(text.contains(line), "{line} in:\n{text}");
+        }
+        assert!(
+            !text.contains(r#"route="iam""#),
+            "unused series stay out:\n{text}"
+        );
     }
 }

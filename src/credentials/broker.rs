@@ -20,7 +20,7 @@
 //! field updates, and the served credentials are read lock-free through `ArcSwapOption`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -162,9 +162,37 @@ struct Entry {
     state: Mutex<EntryState>,
     /// Woken whenever a fetch finishes, so the refresher recomputes its plan.
     changed: Notify,
-    /// Milliseconds since the broker's epoch at the last request.
+    /// Milliseconds since the Unix epoch (the broker's clock) at the last request.
     last_access_ms: AtomicU64,
     pins: AtomicUsize,
+    /// Set when the entry leaves the map, so that [`EntryHandle`]s stop using it.
+    retired: AtomicBool,
+}
+
+/// A caller's shortcut to the cache entry of one key, for [`Broker::get_via`].
+///
+/// Whoever asks for the same key on every request (the identity's memoised assignment) keeps one
+/// next to the key: the entry is then read through it instead of hashing the whole
+/// [`AssumeRequest`] into the map shared by every thread. The handle remembers the key it was
+/// filled for (by pointer) and is used only for that key, and only while the entry is still in
+/// the map; an entry that is evicted or dropped for idleness is marked retired, and the next
+/// lookup goes through the map (making a new entry) and re-points the handle.
+#[derive(Default)]
+pub struct EntryHandle(ArcSwapOption<Bound>);
+
+struct Bound {
+    key: Arc<AssumeRequest>,
+    entry: Arc<Entry>,
+}
+
+impl std::fmt::Debug for EntryHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.load().is_some() {
+            "EntryHandle(bound)"
+        } else {
+            "EntryHandle(empty)"
+        })
+    }
 }
 
 #[derive(Default)]
@@ -189,7 +217,6 @@ struct Inner {
     clock: SharedClock,
     config: BrokerConfig,
     entries: RwLock<HashMap<Arc<AssumeRequest>, Arc<Entry>>>,
-    epoch: Instant,
     stats: BrokerStats,
 }
 
@@ -246,7 +273,6 @@ impl Broker {
             clock,
             config,
             entries: RwLock::new(HashMap::new()),
-            epoch: Instant::now(),
             stats: BrokerStats::default(),
         });
         tokio::spawn(janitor(Arc::downgrade(&inner)));
@@ -263,12 +289,50 @@ impl Broker {
 
     /// Credentials for `key`, from the cache when they are fresh enough, else from the source.
     pub async fn get(&self, key: &Arc<AssumeRequest>) -> Result<Arc<Served>, FetchError> {
+        let entry = self.inner.entry(key);
+        self.get_entry(entry, key, self.now()).await
+    }
+
+    /// The time on the broker's clock, for [`Broker::get_via`].
+    pub fn now(&self) -> SystemTime {
+        self.inner.clock.now()
+    }
+
+    /// [`Broker::get`], finding the entry through `handle` when it is bound to this very `key`
+    /// (the same allocation) and its entry is still cached; else through the map, re-binding it.
+    /// `now` is [`Broker::now`], read by the caller (who needs the time for other checks too).
+    pub async fn get_via(
+        &self,
+        handle: &EntryHandle,
+        key: &Arc<AssumeRequest>,
+        now: SystemTime,
+    ) -> Result<Arc<Served>, FetchError> {
+        let bound = handle.0.load();
+        let entry = match bound.as_deref() {
+            Some(b) if Arc::ptr_eq(&b.key, key) && !b.entry.retired.load(Ordering::Acquire) => {
+                b.entry.clone()
+            }
+            _ => {
+                let entry = self.inner.entry(key);
+                handle.0.store(Some(Arc::new(Bound {
+                    key: key.clone(),
+                    entry: entry.clone(),
+                })));
+                entry
+            }
+        };
+        drop(bound);
+        self.get_entry(entry, key, now).await
+    }
+
+    async fn get_entry(
+        &self,
+        entry: Arc<Entry>,
+        key: &AssumeRequest,
+        now: SystemTime,
+    ) -> Result<Arc<Served>, FetchError> {
         let inner = &self.inner;
-        let entry = inner.entry(key);
-        entry
-            .last_access_ms
-            .store(inner.now_ms(), Ordering::Relaxed);
-        let now = inner.clock.now();
+        entry.last_access_ms.store(unix_ms(now), Ordering::Relaxed);
 
         if let Some(served) = entry.current.load_full() {
             let left = remaining(served.expiration(), now);
@@ -307,7 +371,9 @@ impl Broker {
             None => inner.start_fetch(&entry),
         };
         inner.stats.misses.fetch_add(1, Ordering::Relaxed);
-        match tokio::time::timeout(inner.config.fetch_wait, fetch).await {
+        // Boxed: the timer and the shared fetch are only for misses, and kept inline they would
+        // make every request's future (moved around by hyper) a few hundred bytes larger.
+        match Box::pin(tokio::time::timeout(inner.config.fetch_wait, fetch)).await {
             Ok(result) => result,
             Err(_) => Err(FetchError {
                 error: SourceError::Unavailable(format!(
@@ -390,7 +456,7 @@ impl Broker {
 
 impl Inner {
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        unix_ms(self.clock.now())
     }
 
     fn error_ttl(&self, error: &SourceError) -> Duration {
@@ -425,6 +491,7 @@ impl Inner {
             changed: Notify::new(),
             last_access_ms: AtomicU64::new(self.now_ms()),
             pins: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
         });
         let task = tokio::spawn(refresher(Arc::downgrade(self), Arc::downgrade(&entry)));
         entry.lock().refresher = Some(task.abort_handle());
@@ -649,10 +716,20 @@ async fn janitor(inner: Weak<Inner>) {
     }
 }
 
+/// Called as `entry` leaves the map.
 fn retire(entry: &Entry) {
+    entry.retired.store(true, Ordering::Release);
     if let Some(task) = entry.lock().refresher.take() {
         task.abort();
     }
+}
+
+/// Idle times are measured on the broker's clock (wall time): a clock step only makes idle,
+/// unpinned entries look older or younger, and reading one clock per request instead of two is
+/// measurable on the request path.
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn remaining(until: SystemTime, now: SystemTime) -> Duration {
@@ -988,6 +1065,84 @@ mod tests {
         assert_eq!(broker.len(), 3);
         assert!(broker.peek(&key("s0")).is_none());
         assert!(broker.peek(&key("s4")).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handle_finds_its_own_key_and_lets_go_of_entries_that_leave_the_cache() {
+        let clock: SharedClock = Arc::new(TokioClock::starting_at(SystemTime::UNIX_EPOCH));
+        let source = Scripted::new(clock.clone(), Duration::from_secs(3600));
+        let broker = Broker::new(
+            source.clone(),
+            clock,
+            BrokerConfig {
+                max_entries: 2,
+                ..BrokerConfig::default()
+            },
+        );
+        let mine = key("mine");
+        let handle = EntryHandle::default();
+        let first = broker
+            .get_via(&handle, &mine, broker.now())
+            .await
+            .expect("ok");
+        let again = broker
+            .get_via(&handle, &mine, broker.now())
+            .await
+            .expect("ok");
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(source.calls(), 1);
+        assert_eq!(broker.stats().hits, 1);
+
+        // The same handle asked for another key (another allocation, even if equal) goes
+        // through the map: it never answers for a key it was not filled for.
+        let other = key("other");
+        let theirs = broker
+            .get_via(&handle, &other, broker.now())
+            .await
+            .expect("ok");
+        assert_ne!(
+            theirs.credentials.access_key_id,
+            first.credentials.access_key_id
+        );
+        let equal = key("mine");
+        let through_map = broker
+            .get_via(&handle, &equal, broker.now())
+            .await
+            .expect("ok");
+        assert!(Arc::ptr_eq(&through_map, &first));
+        assert_eq!(source.calls(), 2);
+        broker
+            .get_via(&handle, &mine, broker.now())
+            .await
+            .expect("ok");
+        assert_eq!(format!("{handle:?}"), "EntryHandle(bound)");
+
+        // Two more keys push "mine" out of the cache (it is the least recently used): the handle
+        // must not keep serving the retired entry, but make and use the map's new one.
+        tokio::time::advance(Duration::from_millis(10)).await;
+        broker.get(&other).await.expect("ok");
+        tokio::time::advance(Duration::from_millis(10)).await;
+        broker.get(&key("third")).await.expect("ok");
+        assert!(broker.peek(&mine).is_none(), "evicted");
+        let after = broker
+            .get_via(&handle, &mine, broker.now())
+            .await
+            .expect("ok");
+        assert_eq!(source.calls(), 4, "fetched again after eviction");
+        assert_ne!(
+            after.credentials.access_key_id,
+            first.credentials.access_key_id
+        );
+        assert!(Arc::ptr_eq(
+            &broker.peek(&mine).expect("cached again"),
+            &after
+        ));
+        let cached = broker
+            .get_via(&handle, &mine, broker.now())
+            .await
+            .expect("ok");
+        assert!(Arc::ptr_eq(&cached, &after));
+        assert_eq!(source.calls(), 4);
     }
 
     #[tokio::test(start_paused = true)]

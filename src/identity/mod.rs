@@ -24,7 +24,10 @@ use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
 use crate::credentials::AssumeRequest;
+use crate::credentials::broker::EntryHandle;
+use crate::imds::token::LastToken;
 use crate::index::{Container, Index, Lookup};
+use crate::logging::RepeatFilter;
 use container::{ContainerRules, Decision};
 use mapping::{MappedRole, RoleMapping};
 use role::{AccountContext, RoleArn, RoleSpec, sanitise_session_name};
@@ -38,6 +41,11 @@ pub struct Workload {
     /// The container calling, if the caller is one the index knows.
     pub container: Option<Arc<Container>>,
     pub role: RoleState,
+    /// The last IMDSv2 token this workload presented that checked out (the memo keeps a
+    /// workload for as long as its caller is the same, and SDKs reuse a token for hours).
+    pub last_token: LastToken,
+    /// Keeps this workload's identical access lines to a few a second.
+    pub access_log: RepeatFilter,
 }
 
 /// The role a workload gets.
@@ -60,6 +68,7 @@ impl RoleState {
             Some((request, origin)) => RoleState::Assigned(Arc::new(Assignment {
                 request: Arc::new(request),
                 origin,
+                cache: EntryHandle::default(),
             })),
             None => RoleState::None,
         }
@@ -95,6 +104,9 @@ impl RoleState {
 pub struct Assignment {
     pub request: Arc<AssumeRequest>,
     pub origin: RoleOrigin,
+    /// Where `request`'s credentials are cached, once asked for: the memo keeps this assignment
+    /// for as long as the caller is the same, so the credentials are found without a map lookup.
+    pub cache: EntryHandle,
 }
 
 impl Assignment {
@@ -300,10 +312,9 @@ impl Identity {
         {
             return self.memoised(ip, Some(c));
         }
-        match index
-            .lookup_or_wait(ip, self.rules.unknown_caller_wait)
-            .await
-        {
+        // Boxed: only callers the index does not know yet wait, and the wait's timer kept inline
+        // would enlarge every request's future.
+        match Box::pin(index.lookup_or_wait(ip, self.rules.unknown_caller_wait)).await {
             Lookup::Container(c) => self.memoised(ip, Some(c)),
             Lookup::NotAContainer => self.memoised(ip, None),
             Lookup::UnknownContainer => {
@@ -313,6 +324,8 @@ impl Identity {
                     binding: format!("unknown:{ip}"),
                     container: None,
                     role: RoleState::None,
+                    last_token: LastToken::default(),
+                    access_log: RepeatFilter::default(),
                 })
             }
             Lookup::NotSynced => Arc::new(Workload {
@@ -320,6 +333,8 @@ impl Identity {
                 binding: format!("pending:{ip}"),
                 container: None,
                 role: RoleState::Pending,
+                last_token: LastToken::default(),
+                access_log: RepeatFilter::default(),
             }),
         }
     }
@@ -422,6 +437,8 @@ impl Identity {
             binding: format!("ip:{ip}"),
             container: None,
             role: RoleState::granted(self.fallback(ip, None)),
+            last_token: LastToken::default(),
+            access_log: RepeatFilter::default(),
         }
     }
 
@@ -431,6 +448,8 @@ impl Identity {
             binding: c.binding(),
             role: self.container_role(ip, &c),
             container: Some(c),
+            last_token: LastToken::default(),
+            access_log: RepeatFilter::default(),
         }
     }
 

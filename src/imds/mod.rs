@@ -12,7 +12,7 @@ pub mod tree;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -22,9 +22,10 @@ use crate::clock::{SharedClock, format_iso8601};
 use crate::credentials::SourceError;
 use crate::credentials::broker::{Broker, FetchError, Served};
 use crate::identity::{Assignment, Identity, Refusal, RoleState, Workload};
+use crate::logging::{ACCESS_TARGET, AccessLine};
 use crate::metrics::{Metrics, Route};
 use crate::proxy::{Upstream, UpstreamError};
-use path::MetadataPath;
+use path::{MetadataPath, PathError};
 use response::{
     ALLOW_METADATA, ALLOW_TOKEN, Body, ContentType, Responder, TOKEN_HEADER, TOKEN_TTL_HEADER,
 };
@@ -49,6 +50,8 @@ pub struct ImdsOptions {
     pub reject_forwarded: bool,
     /// Answer a token PUT carrying `Expect: 100-continue` with 417, as EC2 does.
     pub strict_expect: bool,
+    /// Identical access lines written per caller and second (see [`RepeatFilter`]); 0: all.
+    pub access_log_burst: u32,
     pub connection: response::Connection,
 }
 
@@ -59,6 +62,7 @@ impl Default for ImdsOptions {
             endpoint_enabled: true,
             reject_forwarded: true,
             strict_expect: false,
+            access_log_burst: crate::logging::DEFAULT_ACCESS_LOG_BURST,
             connection: response::Connection::Close,
         }
     }
@@ -131,48 +135,68 @@ impl Imds {
     /// Answers one request from `caller`.
     pub async fn handle<B>(&self, request: Request<B>, caller: IpAddr) -> Response<Body> {
         let started = tokio::time::Instant::now();
-        let outcome = self.route(&request, caller).await;
+        let path = path::parse(request.uri().path());
+        let outcome = self.route(&request, caller, &path).await;
         let status = outcome.response.status();
         let elapsed = started.elapsed();
         self.metrics
-            .request(route_of(request.uri().path()), status.as_u16(), elapsed);
-        let workload = outcome.workload.as_deref();
-        let container = workload.and_then(|w| w.container.as_deref());
-        let (role, refused) = match workload.map(|w| &w.role) {
-            Some(RoleState::Assigned(a)) => (Some(a.request.role_arn.as_str()), None),
-            Some(RoleState::Refused(r)) => (None, Some(r.code)),
-            _ => (None, None),
-        };
-        tracing::info!(
-            target: "imdsd::access",
-            method = %request.method(),
-            path = request.uri().path(),
-            caller = %caller,
-            container = container.map(|c| c.name.as_str()),
-            container_id = container.map(|c| c.short_id()),
-            role,
-            refused,
-            status = status.as_u16(),
-            micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            agent = request
-                .headers()
-                .get(header::USER_AGENT)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-"),
-        );
+            .request(route_of(&path), status.as_u16(), elapsed);
+        if tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
+            let workload = outcome.workload.as_deref();
+            let line = AccessLine {
+                method: request.method(),
+                path: request.uri().path(),
+                status,
+                agent: request
+                    .headers()
+                    .get(header::USER_AGENT)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-"),
+            };
+            if let Some(suppressed) = line.admit(
+                workload.map(|w| &w.access_log),
+                self.options.access_log_burst,
+                started.into_std(),
+            ) {
+                let container = workload.and_then(|w| w.container.as_deref());
+                let (role, refused) = match workload.map(|w| &w.role) {
+                    Some(RoleState::Assigned(a)) => (Some(a.request.role_arn.as_str()), None),
+                    Some(RoleState::Refused(r)) => (None, Some(r.code)),
+                    _ => (None, None),
+                };
+                tracing::info!(
+                    target: ACCESS_TARGET,
+                    method = %line.method,
+                    path = line.path,
+                    caller = %caller,
+                    container = container.map(|c| c.name.as_str()),
+                    container_id = container.map(|c| c.short_id()),
+                    role,
+                    refused,
+                    status = status.as_u16(),
+                    micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+                    agent = line.agent,
+                    suppressed,
+                );
+            }
+        }
         outcome.response
     }
 
-    async fn route<B>(&self, req: &Request<B>, caller: IpAddr) -> Outcome {
+    async fn route<B>(
+        &self,
+        req: &Request<B>,
+        caller: IpAddr,
+        path: &Result<MetadataPath<'_>, PathError>,
+    ) -> Outcome {
         let r = &self.responder;
         if !self.options.endpoint_enabled {
             return r.error(StatusCode::FORBIDDEN).into();
         }
-        let path = match path::parse(req.uri().path()) {
-            Ok(p) => p,
-            Err(_) => return r.error(StatusCode::BAD_REQUEST).into(),
+        let Ok(path) = path else {
+            return r.error(StatusCode::BAD_REQUEST).into();
         };
-        let token_path = match &path {
+        let token_path = match path {
             MetadataPath::Versioned { latest, rest } if rest == "api/token" => Some(*latest),
             // A PUT under any other prefix is refused like a versioned one, never 405: SDKs read
             // 405 on the token PUT as "IMDSv2 unsupported" and fall back to IMDSv1.
@@ -195,15 +219,18 @@ impl Imds {
         }
 
         let workload = self.identity.resolve(caller).await;
+        // One reading of the clock for the token's expiry and the credentials' freshness.
+        let now = self.broker.now();
         let token_ttl = match req.headers().get(TOKEN_HEADER) {
             Some(token) => {
                 if self.options.reject_forwarded && req.headers().contains_key(FORWARDED_FOR) {
                     return r.error(StatusCode::FORBIDDEN).into();
                 }
-                match self.tokens.verify(
+                match self.tokens.verify_with(
+                    &workload.last_token,
                     token.as_bytes(),
                     workload.binding.as_bytes(),
-                    std::time::SystemTime::now(),
+                    now,
                 ) {
                     Ok(left) => Some(left),
                     Err(e) => {
@@ -226,7 +253,7 @@ impl Imds {
                 .path_and_query()
                 .map_or_else(|| req.uri().path(), |pq| pq.as_str()),
         };
-        let mut outcome = self.serve(&path, &workload, &forward).await;
+        let mut outcome = self.serve(path, &workload, &forward, now).await;
         outcome.workload = Some(workload);
         if let Some(left) = token_ttl {
             outcome
@@ -271,9 +298,10 @@ impl Imds {
 
     async fn serve(
         &self,
-        path: &MetadataPath,
+        path: &MetadataPath<'_>,
         workload: &Workload,
         request: &Forward<'_>,
+        now: SystemTime,
     ) -> Outcome {
         let r = &self.responder;
         let rest = match path {
@@ -285,7 +313,7 @@ impl Imds {
             }
             MetadataPath::UnknownVersion { .. } if self.upstream.is_some() => "",
             MetadataPath::UnknownVersion { .. } => return r.error(StatusCode::NOT_FOUND).into(),
-            MetadataPath::Versioned { rest, .. } => rest.as_str(),
+            MetadataPath::Versioned { rest, .. } => rest.as_ref(),
         };
         let with_iam =
             workload.role.listed_name().is_some() || matches!(workload.role, RoleState::Pending);
@@ -293,7 +321,9 @@ impl Imds {
             && !(rest.starts_with(IAM_PREFIX)
                 && (rest.len() == IAM_PREFIX.len() || rest[IAM_PREFIX.len()..].starts_with('/')))
         {
-            let mut response = self.forward(upstream, request).await;
+            // Boxed, as every wait that cached requests do not reach: an HTTP client's future
+            // kept inline would make every request's future larger, and hyper moves it around.
+            let mut response = Box::pin(self.forward(upstream, request)).await;
             let listing_base = match rest {
                 "meta-data" => Some("/latest/meta-data/"),
                 "" if matches!(path, MetadataPath::Versioned { .. }) => Some("/latest/"),
@@ -305,7 +335,7 @@ impl Imds {
                 // The host's listing, with `iam/` only for callers that have a role of their own
                 // and without what the caller may not read.
                 let iam = (rest == "meta-data").then_some(with_iam);
-                response = adjust_listing(r, response, iam, |entry| {
+                response = Box::pin(adjust_listing(r, response, iam, |entry| {
                     let probe = match (base, entry.strip_suffix('/')) {
                         // The version's own listing: `dynamic`, `meta-data`, `user-data`.
                         ("/latest/", _) if entry != "user-data" => return true,
@@ -318,7 +348,7 @@ impl Imds {
                         (_, None) => format!("{base}{entry}"),
                     };
                     upstream.allows(&probe)
-                })
+                }))
                 .await;
             }
             return response.into();
@@ -335,7 +365,9 @@ impl Imds {
         if let Some(sub) = rest.strip_prefix(IAM_PREFIX)
             && (sub.is_empty() || sub.starts_with('/'))
         {
-            return self.serve_iam(sub.trim_start_matches('/'), workload).await;
+            return self
+                .serve_iam(sub.trim_start_matches('/'), workload, now)
+                .await;
         }
         match self.tree.get(rest) {
             Some(Node::Dir(listing)) => r.ok(listing.clone(), ContentType::Text, None).into(),
@@ -374,7 +406,7 @@ impl Imds {
     }
 
     /// `meta-data/iam/…`: present only for callers with a role.
-    async fn serve_iam(&self, sub: &str, workload: &Workload) -> Outcome {
+    async fn serve_iam(&self, sub: &str, workload: &Workload, now: SystemTime) -> Outcome {
         let r = &self.responder;
         let assignment = match &workload.role {
             RoleState::Assigned(a) => a,
@@ -400,7 +432,7 @@ impl Imds {
                 None,
             ),
             Some(("security-credentials", name)) if name == assignment.role_name() => {
-                self.serve_credentials(assignment).await
+                self.serve_credentials(assignment, now).await
             }
             _ => r.error(StatusCode::NOT_FOUND),
         };
@@ -446,9 +478,13 @@ impl Imds {
         }
     }
 
-    async fn serve_credentials(&self, assignment: &Assignment) -> Response<Body> {
+    async fn serve_credentials(&self, assignment: &Assignment, now: SystemTime) -> Response<Body> {
         let r = &self.responder;
-        match self.broker.get(&assignment.request).await {
+        match self
+            .broker
+            .get_via(&assignment.cache, &assignment.request, now)
+            .await
+        {
             Ok(served) => r.ok(
                 served.rendered(credentials_document),
                 ContentType::Text,
@@ -552,18 +588,24 @@ async fn adjust_listing(
 }
 
 /// The metrics route of a request path, by its shape alone (cheap, and no allocation).
-fn route_of(path: &str) -> Route {
-    if path.ends_with("/api/token") {
-        Route::Token
-    } else if let Some((_, rest)) = path.split_once("/meta-data/iam/") {
-        match rest.strip_prefix("security-credentials/") {
-            Some(role) if !role.trim_end_matches('/').is_empty() => Route::Credentials,
+fn route_of(path: &Result<MetadataPath<'_>, PathError>) -> Route {
+    let (rest, versioned) = match path {
+        Ok(MetadataPath::Root) => return Route::Metadata,
+        Ok(MetadataPath::Versioned { rest, .. }) => (rest, true),
+        Ok(MetadataPath::UnknownVersion { rest }) => (rest, false),
+        Err(_) => return Route::Other,
+    };
+    if rest == "api/token" {
+        return Route::Token;
+    }
+    match rest.strip_prefix(IAM_PREFIX) {
+        Some("") => Route::Iam,
+        Some(sub) if sub.starts_with('/') => match sub.strip_prefix("/security-credentials/") {
+            Some(role) if !role.is_empty() => Route::Credentials,
             _ => Route::Iam,
-        }
-    } else if path == "/" || path.starts_with("/latest") || path.starts_with("/20") {
-        Route::Metadata
-    } else {
-        Route::Other
+        },
+        _ if versioned => Route::Metadata,
+        _ => Route::Other,
     }
 }
 
@@ -603,4 +645,37 @@ fn instance_profile_id(arn: &str) -> String {
             .map(|b| BASE32[usize::from(b & 31)] as char),
     );
     id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_counted_by_the_route_they_parse_to() {
+        for (raw, route) in [
+            ("/", Route::Metadata),
+            ("/latest/api/token", Route::Token),
+            ("/2021-01-03/api/token/", Route::Token),
+            ("/nonsense/api/token", Route::Token),
+            (
+                "/latest/meta-data/iam/security-credentials/app",
+                Route::Credentials,
+            ),
+            (
+                "//latest//meta-data/iam/security-credentials/app/",
+                Route::Credentials,
+            ),
+            ("/latest/meta-data/iam/security-credentials/", Route::Iam),
+            ("/latest/meta-data/iam/info", Route::Iam),
+            ("/latest/meta-data/iam", Route::Iam),
+            ("/latest/meta-data/iamx", Route::Metadata),
+            ("/latest/meta-data/placement/region", Route::Metadata),
+            ("/2009-04-04/user-data", Route::Metadata),
+            ("/favicon.ico", Route::Other),
+            ("/latest/%ff", Route::Other),
+        ] {
+            assert_eq!(route_of(&path::parse(raw)), route, "{raw}");
+        }
+    }
 }

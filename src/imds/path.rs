@@ -5,6 +5,8 @@
 //! Paths are percent-decoded per segment; anything that is not UTF-8, holds control characters, or
 //! climbs with `.`/`..` is refused outright rather than interpreted.
 
+use std::borrow::Cow;
+
 use percent_encoding::percent_decode_str;
 
 /// Metadata versions EC2 lists at `/`, oldest first; `latest` follows them.
@@ -37,16 +39,17 @@ pub const VERSIONS: &[&str] = &[
     "2021-07-15",
 ];
 
-/// A parsed request path.
+/// A parsed request path. `rest` borrows from the request when it is already in canonical form
+/// (nothing to decode, no doubled or trailing slashes), as SDKs send it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MetadataPath {
+pub enum MetadataPath<'a> {
     /// `/`: the version listing.
     Root,
     /// `/<version>/<rest>`; `rest` is the segments joined by `/`, empty for the version root.
-    Versioned { latest: bool, rest: String },
+    Versioned { latest: bool, rest: Cow<'a, str> },
     /// A first segment that is not a version EC2 knows; `rest` as for `Versioned`, so that a
     /// token PUT under it can still be refused as a versioned one.
-    UnknownVersion { rest: String },
+    UnknownVersion { rest: Cow<'a, str> },
 }
 
 /// Why a path was refused with 400.
@@ -60,7 +63,17 @@ pub enum PathError {
     DotSegment,
 }
 
-pub fn parse(raw: &str) -> Result<MetadataPath, PathError> {
+pub fn parse(raw: &str) -> Result<MetadataPath<'_>, PathError> {
+    // Printable ASCII with nothing to decode: every segment is itself, so the checks below are
+    // the general ones, without decoding or copying.
+    if raw.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'%') {
+        return parse_plain(raw);
+    }
+    parse_decoded(raw)
+}
+
+/// [`parse`] for any path: each segment percent-decoded and checked.
+fn parse_decoded(raw: &str) -> Result<MetadataPath<'_>, PathError> {
     let mut segments = Vec::new();
     for segment in raw.split('/') {
         if segment.is_empty() {
@@ -80,19 +93,42 @@ pub fn parse(raw: &str) -> Result<MetadataPath, PathError> {
     let Some((first, rest)) = segments.split_first() else {
         return Ok(MetadataPath::Root);
     };
-    let latest = first == "latest";
-    let rest = rest.join("/");
-    if !latest && !VERSIONS.contains(&first.as_ref()) {
-        return Ok(MetadataPath::UnknownVersion { rest });
+    Ok(versioned(first, Cow::Owned(rest.join("/"))))
+}
+
+/// [`parse`] for a path without percent-escapes or control characters.
+fn parse_plain(raw: &str) -> Result<MetadataPath<'_>, PathError> {
+    let path = raw.trim_matches('/');
+    if path.is_empty() {
+        return Ok(MetadataPath::Root);
     }
-    Ok(MetadataPath::Versioned { latest, rest })
+    if path.split('/').any(|s| s == "." || s == "..") {
+        return Err(PathError::DotSegment);
+    }
+    let (first, rest) = path.split_once('/').unwrap_or((path, ""));
+    let rest = rest.trim_start_matches('/');
+    let rest = if rest.contains("//") {
+        let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        Cow::Owned(segments.join("/"))
+    } else {
+        Cow::Borrowed(rest)
+    };
+    Ok(versioned(first, rest))
+}
+
+fn versioned<'a>(first: &str, rest: Cow<'a, str>) -> MetadataPath<'a> {
+    let latest = first == "latest";
+    if !latest && !VERSIONS.contains(&first) {
+        return MetadataPath::UnknownVersion { rest };
+    }
+    MetadataPath::Versioned { latest, rest }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn versioned(latest: bool, rest: &str) -> MetadataPath {
+    fn versioned(latest: bool, rest: &str) -> MetadataPath<'_> {
         MetadataPath::Versioned {
             latest,
             rest: rest.into(),
@@ -140,5 +176,47 @@ mod tests {
             parse("/latest/meta-data/tags/instance/a%3Ab"),
             Ok(versioned(true, "meta-data/tags/instance/a:b"))
         );
+    }
+
+    #[test]
+    fn plain_paths_parse_as_the_decoding_parser_parses_them() {
+        let segments = [
+            "",
+            ".",
+            "..",
+            "latest",
+            "2009-04-04",
+            "2099-01-01",
+            "meta-data",
+            "a:b",
+            "x y",
+            "api",
+            "token",
+            "...",
+        ];
+        let mut checked = 0;
+        for a in segments {
+            for b in segments {
+                for c in segments {
+                    for sep in ["/", "//"] {
+                        for tail in ["", "/"] {
+                            let raw = format!("/{a}{sep}{b}/{c}{tail}");
+                            assert_eq!(parse_plain(&raw), parse_decoded(&raw), "{raw}");
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 12 * 12 * 12 * 4);
+        // What SDKs send is not copied.
+        let raw = "/latest/meta-data/iam/security-credentials/app";
+        match parse(raw) {
+            Ok(MetadataPath::Versioned {
+                rest: Cow::Borrowed(rest),
+                ..
+            }) => assert_eq!(rest, "meta-data/iam/security-credentials/app"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -2,10 +2,11 @@
 //! carries, and the pretty-printed JSON style of IMDS documents (`"Key" : "value"`, two-space
 //! indent, no final newline).
 
-use std::time::SystemTime;
+use std::cell::RefCell;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
@@ -129,6 +130,8 @@ impl Responder {
         let len = body.len();
         let mut res = Response::new(Full::new(body));
         *res.status_mut() = status;
+        // Room for every header a response gets (up to eight), so that none grows the map.
+        *res.headers_mut() = HeaderMap::with_capacity(8);
         let h = res.headers_mut();
         h.insert(header::CONTENT_TYPE, content_type);
         // Set explicitly so that HEAD answers carry the length GET would have.
@@ -203,8 +206,29 @@ impl Responder {
 }
 
 /// An HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`).
+///
+/// A cached credentials GET sends its credentials' `LastUpdated` as `Last-Modified` every time,
+/// so each thread keeps the last one it formatted; HTTP dates have whole seconds, so the second
+/// is the whole key.
 pub fn http_date(t: SystemTime) -> HeaderValue {
-    HeaderValue::from_str(&httpdate::fmt_http_date(t)).unwrap_or(HeaderValue::from_static(""))
+    thread_local! {
+        static LAST: RefCell<Option<(Duration, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    let format = |t| {
+        HeaderValue::from_str(&httpdate::fmt_http_date(t)).unwrap_or(HeaderValue::from_static(""))
+    };
+    let Ok(since_epoch) = t.duration_since(UNIX_EPOCH) else {
+        return format(t);
+    };
+    let second = Duration::from_secs(since_epoch.as_secs());
+    LAST.with_borrow_mut(|last| match last {
+        Some((at, value)) if *at == second => value.clone(),
+        _ => {
+            let value = format(t);
+            *last = Some((second, value.clone()));
+            value
+        }
+    })
 }
 
 /// Writes an IMDS-style JSON object: one `"Key" : value` per line, two-space indent, no final LF.
@@ -262,5 +286,22 @@ mod tests {
     fn pretty_objects_use_the_imds_style() {
         let doc = pretty_object(&[("Code", json_str("Success")), ("Nothing", "null".into())]);
         assert_eq!(doc, "{\n  \"Code\" : \"Success\",\n  \"Nothing\" : null\n}");
+    }
+
+    #[test]
+    fn http_dates_follow_the_second_they_are_asked_for() {
+        let at = |secs: u64, millis: u64| {
+            UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis)
+        };
+        // The same second twice (cached), the next one, back again, and before the epoch.
+        for (t, expected) in [
+            (at(784_111_777, 0), "Sun, 06 Nov 1994 08:49:37 GMT"),
+            (at(784_111_777, 999), "Sun, 06 Nov 1994 08:49:37 GMT"),
+            (at(784_111_778, 1), "Sun, 06 Nov 1994 08:49:38 GMT"),
+            (at(784_111_777, 500), "Sun, 06 Nov 1994 08:49:37 GMT"),
+            (at(1_795_437_188, 4), "Mon, 23 Nov 2026 12:33:08 GMT"),
+        ] {
+            assert_eq!(http_date(t), expected);
+        }
     }
 }

@@ -14,8 +14,10 @@
 //! to anyone else. The key lives in the state directory, so a restart keeps every issued token
 //! valid: the Rust SDK caches its token for up to six hours and does not drop it on a 401.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwapOption;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE;
 use hmac::{Hmac, KeyInit as _, Mac as _};
@@ -71,14 +73,25 @@ pub enum TokenError {
 }
 
 /// Issues and checks tokens.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Tokens {
-    key: TokenKey,
+    /// HMAC-SHA256 with the key already absorbed: every request checks a token, and cloning this
+    /// state saves hashing the key's two pads each time.
+    keyed: Hmac<Sha256>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tokens(<key redacted>)")
+    }
 }
 
 impl Tokens {
     pub fn new(key: TokenKey) -> Self {
-        Self { key }
+        // A 32-byte key is always a valid HMAC key.
+        let keyed = <Hmac<Sha256>>::new_from_slice(key.as_bytes())
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        Self { keyed }
     }
 
     /// A token for `binding`, valid `ttl` seconds from `now`.
@@ -111,6 +124,37 @@ impl Tokens {
         binding: &[u8],
         now: SystemTime,
     ) -> Result<Duration, TokenError> {
+        time_left(self.check(token, binding)?, now)
+    }
+
+    /// [`Tokens::verify`], remembering in `last` the last token that checked out for `binding`:
+    /// SDKs send the same token for hours, and comparing it costs less than its HMAC.
+    pub fn verify_with(
+        &self,
+        last: &LastToken,
+        token: &[u8],
+        binding: &[u8],
+        now: SystemTime,
+    ) -> Result<Duration, TokenError> {
+        if let Some(known) = last.0.load().as_deref()
+            && same_bytes(&known.token, token)
+            && *known.binding == *binding
+        {
+            return time_left(known.expires, now);
+        }
+        let expires = self.check(token, binding)?;
+        if let Ok(token) = <[u8; TOKEN_LEN]>::try_from(token) {
+            last.0.store(Some(Arc::new(Checked {
+                token,
+                binding: binding.into(),
+                expires,
+            })));
+        }
+        time_left(expires, now)
+    }
+
+    /// The expiry (Unix seconds) of a well-formed token signed for `binding`.
+    fn check(&self, token: &[u8], binding: &[u8]) -> Result<u32, TokenError> {
         if token.len() != TOKEN_LEN {
             return Err(TokenError::Malformed);
         }
@@ -125,23 +169,52 @@ impl Tokens {
         if !bool::from(expected[..RAW_LEN - SIGNED_LEN].ct_eq(&raw[SIGNED_LEN..RAW_LEN])) {
             return Err(TokenError::BadSignature);
         }
-        let expires = UNIX_EPOCH
-            + Duration::from_secs(u64::from(u32::from_be_bytes([
-                raw[1], raw[2], raw[3], raw[4],
-            ])));
-        match expires.duration_since(now) {
-            Ok(left) if !left.is_zero() => Ok(Duration::from_secs(left.as_secs())),
-            _ => Err(TokenError::Expired),
-        }
+        Ok(u32::from_be_bytes([raw[1], raw[2], raw[3], raw[4]]))
     }
 
     fn mac(&self, signed: &[u8], binding: &[u8]) -> [u8; 32] {
-        // A 32-byte key is always a valid HMAC key.
-        let mut mac = <Hmac<Sha256>>::new_from_slice(self.key.as_bytes())
-            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        let mut mac = self.keyed.clone();
         mac.update(signed);
         mac.update(binding);
         mac.finalize().into_bytes().into()
+    }
+}
+
+/// Whether `known` and `presented` are equal, reading every byte (no early exit), without
+/// `subtle`'s per-byte barrier: the memo this compares against holds a token the same caller
+/// presented before, so there is nothing in it for a timing difference to reveal to anyone else.
+fn same_bytes(known: &[u8; TOKEN_LEN], presented: &[u8]) -> bool {
+    presented.len() == TOKEN_LEN
+        && known
+            .iter()
+            .zip(presented)
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
+}
+
+/// Whole seconds from `now` to `expires` (Unix seconds), or `Expired`.
+fn time_left(expires: u32, now: SystemTime) -> Result<Duration, TokenError> {
+    let expires = UNIX_EPOCH + Duration::from_secs(u64::from(expires));
+    match expires.duration_since(now) {
+        Ok(left) if !left.is_zero() => Ok(Duration::from_secs(left.as_secs())),
+        _ => Err(TokenError::Expired),
+    }
+}
+
+/// The last token one workload presented that checked out, for [`Tokens::verify_with`]. Never
+/// printed: a token is as good as a password for the workload it was issued to.
+#[derive(Default)]
+pub struct LastToken(ArcSwapOption<Checked>);
+
+struct Checked {
+    token: [u8; TOKEN_LEN],
+    binding: Box<[u8]>,
+    expires: u32,
+}
+
+impl std::fmt::Debug for LastToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LastToken(<redacted>)")
     }
 }
 
@@ -180,6 +253,66 @@ mod tests {
             t,
             tokens().issue(b"ip:10.0.0.1", 21_600, t0()).expect("rng")
         );
+    }
+
+    #[test]
+    fn the_signature_is_hmac_sha256_of_the_header_and_binding_under_the_key() {
+        let tk = tokens();
+        for binding in [&b"ip:10.0.0.1"[..], b"", &[b'x'; 200]] {
+            let t = tk.issue(binding, 60, t0()).expect("rng");
+            let raw = URL_SAFE.decode(&t).expect("base64");
+            let mut mac = <Hmac<Sha256>>::new_from_slice(&[7; 32]).expect("key");
+            mac.update(&raw[..SIGNED_LEN]);
+            mac.update(binding);
+            let expected = mac.finalize().into_bytes();
+            assert_eq!(raw[SIGNED_LEN..], expected[..RAW_LEN - SIGNED_LEN]);
+            // Checking reuses the keyed state; it must not carry one check into the next.
+            assert!(tk.verify(t.as_bytes(), binding, t0()).is_ok());
+            assert!(tk.verify(t.as_bytes(), binding, t0()).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_remembered_token_is_still_checked_for_expiry_caller_and_bytes() {
+        let tk = tokens();
+        let last = LastToken::default();
+        let t = tk.issue(b"ip:10.0.0.1", 60, t0()).expect("rng");
+        let left = |at: u64| {
+            tk.verify_with(
+                &last,
+                t.as_bytes(),
+                b"ip:10.0.0.1",
+                t0() + Duration::from_secs(at),
+            )
+        };
+        assert_eq!(left(0), Ok(Duration::from_secs(60)));
+        assert_eq!(format!("{last:?}"), "LastToken(<redacted>)");
+        // Remembered now: the same answers as a full check.
+        assert_eq!(left(10), Ok(Duration::from_secs(50)));
+        assert_eq!(left(60), Err(TokenError::Expired));
+        // Another caller presenting it, even with this workload's memo, is refused.
+        assert_eq!(
+            tk.verify_with(&last, t.as_bytes(), b"ip:10.0.0.2", t0()),
+            Err(TokenError::BadSignature)
+        );
+        // One changed character, a prefix, garbage.
+        let mut tampered = t.clone().into_bytes();
+        tampered[30] = if tampered[30] == b'A' { b'B' } else { b'A' };
+        assert_eq!(
+            tk.verify_with(&last, &tampered, b"ip:10.0.0.1", t0()),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            tk.verify_with(&last, &t.as_bytes()[..40], b"ip:10.0.0.1", t0()),
+            Err(TokenError::Malformed)
+        );
+        // A newer token replaces the remembered one; the older one is still valid.
+        let newer = tk.issue(b"ip:10.0.0.1", 120, t0()).expect("rng");
+        assert_eq!(
+            tk.verify_with(&last, newer.as_bytes(), b"ip:10.0.0.1", t0()),
+            Ok(Duration::from_secs(120))
+        );
+        assert_eq!(left(1), Ok(Duration::from_secs(59)));
     }
 
     #[test]

@@ -1,0 +1,741 @@
+//! Log output: one line per event on stderr, as text or JSON, through `tracing-subscriber`.
+//!
+//! Every metadata request writes an access line (target [`ACCESS_TARGET`]), so that line's
+//! formatting is on the request path. `tracing-subscriber`'s formatters are general (ANSI styles,
+//! spans, `format_args!` per field, serde for JSON) and cost a large share of a cached request's
+//! CPU (see BENCHMARKS.md), so [`Lines`] writes access lines itself, in the very bytes the general
+//! formatter would write, and hands every other event (and access lines in a span, or on a colour
+//! terminal) to it. [`UtcMicros`] is the timestamp of both: RFC 3339 in UTC with microseconds, as
+//! `tracing-subscriber`'s own, with the date and time of day formatted once per second.
+
+use std::cell::Cell;
+use std::fmt::{self, Write as _};
+use std::io::IsTerminal as _;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::time::FormatTime;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::clock::format_iso8601;
+use crate::config::LogFormat;
+
+/// The target of the per-request access line.
+pub const ACCESS_TARGET: &str = "imdsd::access";
+
+/// Default for `--access-log-burst`: identical access lines written per caller and second.
+pub const DEFAULT_ACCESS_LOG_BURST: u32 = 10;
+
+/// Keeps one caller's *identical* access lines (same method, path, status and user agent) to
+/// `burst` a second, so that a client calling in a loop cannot flood the log: journald's rate
+/// limit (10,000 lines in 30 s by default) would otherwise drop lines from every other caller,
+/// warnings included, and at tens of thousands of requests a second the lines would cost more than
+/// the answers. Requests left out are still answered and counted in the metrics; the caller's next
+/// written line says how many (`suppressed=N`). Any line that differs from the caller's previous
+/// one is always written.
+#[derive(Debug, Default)]
+pub struct RepeatFilter(Mutex<Run>);
+
+#[derive(Debug, Default)]
+struct Run {
+    /// The caller's last written line, as `method NUL path NUL status NUL agent`.
+    key: Vec<u8>,
+    /// When the current one-second window for `key` began.
+    window: Option<Instant>,
+    /// Lines written for `key` in the window.
+    written: u32,
+    /// Requests not written since the caller's last written line.
+    suppressed: u64,
+}
+
+/// What to do with one access line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Write it, saying how many identical requests before it were not written.
+    Write { suppressed: u64 },
+    /// Leave it out (it is counted).
+    Skip,
+}
+
+impl RepeatFilter {
+    /// Whether to write the line for (`method`, `path`, `status`, `agent`) at `now`, at most
+    /// `burst` identical ones a second (0: every line).
+    pub fn check(
+        &self,
+        burst: u32,
+        [method, path, status, agent]: [&str; 4],
+        now: Instant,
+    ) -> Verdict {
+        if burst == 0 {
+            return Verdict::Write { suppressed: 0 };
+        }
+        let parts = [method, path, status, agent];
+        let mut run = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let same = run.key.len() == parts.iter().map(|p| p.len() + 1).sum::<usize>() - 1
+            && run
+                .key
+                .split(|&b| b == 0)
+                .eq(parts.iter().map(|p| p.as_bytes()));
+        let in_window = run
+            .window
+            .is_some_and(|start| now.saturating_duration_since(start) < Duration::from_secs(1));
+        if !same {
+            run.key.clear();
+            for (i, part) in parts.iter().enumerate() {
+                if i > 0 {
+                    run.key.push(0);
+                }
+                run.key.extend_from_slice(part.as_bytes());
+            }
+        }
+        if !same || !in_window {
+            run.window = Some(now);
+            run.written = 0;
+        }
+        if run.written < burst {
+            run.written += 1;
+            Verdict::Write {
+                suppressed: std::mem::take(&mut run.suppressed),
+            }
+        } else {
+            run.suppressed += 1;
+            Verdict::Skip
+        }
+    }
+}
+
+/// What identifies an access line for [`RepeatFilter`].
+#[derive(Debug, Clone, Copy)]
+pub struct AccessLine<'a> {
+    pub method: &'a http::Method,
+    pub path: &'a str,
+    pub status: http::StatusCode,
+    pub agent: &'a str,
+}
+
+impl AccessLine<'_> {
+    /// `None` when the line is to be left out; else the `suppressed` field it carries (absent
+    /// when nothing was left out). Lines without a workload (refused before the caller was looked
+    /// up) are always written.
+    pub fn admit(
+        &self,
+        filter: Option<&RepeatFilter>,
+        burst: u32,
+        now: Instant,
+    ) -> Option<Option<u64>> {
+        let Some(filter) = filter else {
+            return Some(None);
+        };
+        let parts = [
+            self.method.as_str(),
+            self.path,
+            self.status.as_str(),
+            self.agent,
+        ];
+        match filter.check(burst, parts, now) {
+            Verdict::Skip => None,
+            Verdict::Write { suppressed } => Some((suppressed > 0).then_some(suppressed)),
+        }
+    }
+}
+
+/// Installs the process's logger: `filter` (an `EnvFilter` directive string, checked by the
+/// configuration) on stderr, in `format`.
+pub fn init(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let general = tracing_subscriber::fmt::format().with_timer(UtcMicros);
+    match format {
+        LogFormat::Json => builder
+            .with_ansi(false)
+            .fmt_fields(JsonFields::new())
+            .event_format(Lines::json(
+                general.json().flatten_event(true).with_current_span(false),
+            ))
+            .init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .event_format(Lines::text(general))
+            .init(),
+    }
+}
+
+/// Access lines written directly; everything else by `general`.
+#[derive(Debug, Clone)]
+pub struct Lines<F, T = UtcMicros> {
+    general: F,
+    timer: T,
+    json: bool,
+}
+
+impl<F> Lines<F> {
+    /// Text lines: `<time>  INFO imdsd::access: method=GET path="/…" …`.
+    pub fn text(general: F) -> Self {
+        Self::with_timer(general, UtcMicros, false)
+    }
+
+    /// JSON lines, flattened: `{"timestamp":…,"level":"INFO","method":"GET",…,"target":…}`.
+    pub fn json(general: F) -> Self {
+        Self::with_timer(general, UtcMicros, true)
+    }
+}
+
+impl<F, T> Lines<F, T> {
+    /// `timer` must be the one `general` uses, so that both kinds of line agree.
+    pub fn with_timer(general: F, timer: T, json: bool) -> Self {
+        Self {
+            general,
+            timer,
+            json,
+        }
+    }
+}
+
+impl<S, N, F, T> FormatEvent<S, N> for Lines<F, T>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+    T: FormatTime,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        // Colours (text on a terminal; JSON has none) and span context are for people reading
+        // along, not the request path: the general formatter has them right.
+        if meta.target() != ACCESS_TARGET
+            || (!self.json && writer.has_ansi_escapes())
+            || event.parent().is_some()
+            || ctx.lookup_current().is_some()
+        {
+            return self.general.format_event(ctx, writer, event);
+        }
+        if self.json {
+            writer.write_str("{\"timestamp\":\"")?;
+            if self.timer.format_time(&mut writer).is_err() {
+                writer.write_str("<unknown time>")?;
+            }
+            writer.write_str("\",\"level\":\"")?;
+            writer.write_str(meta.level().as_str())?;
+            writer.write_char('"')?;
+            let mut fields = JsonFieldWriter {
+                writer: &mut writer,
+                result: Ok(()),
+            };
+            event.record(&mut fields);
+            fields.result?;
+            writer.write_str(",\"target\":")?;
+            write_json_str(&mut writer, meta.target())?;
+            writer.write_str("}\n")
+        } else {
+            if self.timer.format_time(&mut writer).is_err() {
+                writer.write_str("<unknown time>")?;
+            }
+            // The level right-aligned in five columns, as the general formatter writes it.
+            let level = meta.level().as_str();
+            for _ in level.len()..6 {
+                writer.write_char(' ')?;
+            }
+            writer.write_str(level)?;
+            writer.write_char(' ')?;
+            writer.write_str(meta.target())?;
+            writer.write_str(": ")?;
+            let mut fields = TextFieldWriter {
+                writer: &mut writer,
+                first: true,
+                result: Ok(()),
+            };
+            event.record(&mut fields);
+            fields.result?;
+            writer.write_char('\n')
+        }
+    }
+}
+
+/// `name=value` pairs separated by spaces, as `tracing-subscriber`'s default field formatter
+/// writes them: strings and `?` values in `Debug` form, `%` values in `Display` form.
+struct TextFieldWriter<'w, 'a> {
+    writer: &'w mut Writer<'a>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl TextFieldWriter<'_, '_> {
+    fn start(&mut self, field: &Field) -> fmt::Result {
+        if !std::mem::take(&mut self.first) {
+            self.writer.write_char(' ')?;
+        }
+        if field.name() != "message" {
+            self.writer.write_str(field.name())?;
+            self.writer.write_char('=')?;
+        }
+        Ok(())
+    }
+}
+
+impl Visit for TextFieldWriter<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if self.result.is_err() {
+            return;
+        }
+        self.result = self.start(field).and_then(|()| {
+            if field.name() == "message" {
+                self.writer.write_str(value)
+            } else if value
+                .bytes()
+                .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+            {
+                // What `str`'s `Debug` writes for printable ASCII without quotes or backslashes.
+                self.writer.write_char('"')?;
+                self.writer.write_str(value)?;
+                self.writer.write_char('"')
+            } else {
+                write!(self.writer, "{value:?}")
+            }
+        });
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if self.result.is_ok() {
+            self.result = self
+                .start(field)
+                .and_then(|()| write_u64(self.writer, value));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.result.is_ok() {
+            self.result = self
+                .start(field)
+                .and_then(|()| write!(self.writer, "{value:?}"));
+        }
+    }
+}
+
+/// `,"name":value` members, as `tracing-serde` writes them: strings and `Debug`/`Display` values
+/// as JSON strings, numbers and booleans as such.
+struct JsonFieldWriter<'w, 'a> {
+    writer: &'w mut Writer<'a>,
+    result: fmt::Result,
+}
+
+impl JsonFieldWriter<'_, '_> {
+    fn member(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
+        if self.result.is_err() {
+            return;
+        }
+        self.result = (|| {
+            self.writer.write_char(',')?;
+            write_json_str(self.writer, field.name())?;
+            self.writer.write_char(':')?;
+            value(self.writer)
+        })();
+    }
+}
+
+impl Visit for JsonFieldWriter<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.member(field, |w| write_json_str(w, value));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.member(field, |w| write_u64(w, value));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.member(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.member(field, |w| w.write_str(if value { "true" } else { "false" }));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.member(field, |w| {
+            w.write_char('"')?;
+            write!(JsonEscaped(&mut *w), "{value:?}")?;
+            w.write_char('"')
+        });
+    }
+}
+
+/// A JSON string literal, escaped as `serde_json` escapes it.
+fn write_json_str(w: &mut impl fmt::Write, s: &str) -> fmt::Result {
+    w.write_char('"')?;
+    JsonEscaped(&mut *w).write_str(s)?;
+    w.write_char('"')
+}
+
+/// Escapes what passes through for the inside of a JSON string: `"`, `\` and control characters
+/// (`\n`, `\r`, `\t`, `\b`, `\f` in short form, the rest as `\u00XX`), in runs between them.
+struct JsonEscaped<W>(W);
+
+impl<W: fmt::Write> fmt::Write for JsonEscaped<W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut start = 0;
+        for (i, b) in s.bytes().enumerate() {
+            let short = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0x08 => "\\b",
+                0x0c => "\\f",
+                0x00..=0x1f => "",
+                _ => continue,
+            };
+            self.0.write_str(&s[start..i])?;
+            if short.is_empty() {
+                write!(self.0, "\\u{b:04x}")?;
+            } else {
+                self.0.write_str(short)?;
+            }
+            start = i + 1;
+        }
+        self.0.write_str(&s[start..])
+    }
+}
+
+/// Decimal digits without going through `core::fmt`'s machinery.
+fn write_u64(w: &mut impl fmt::Write, mut value: u64) -> fmt::Result {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    w.write_str(std::str::from_utf8(&digits[at..]).map_err(|_| fmt::Error)?)
+}
+
+/// RFC 3339 in UTC with microseconds (`2026-11-23T12:53:08.123456Z`), as `tracing-subscriber`'s
+/// `SystemTime` timer writes it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UtcMicros;
+
+/// Length of `YYYY-MM-DDTHH:MM:SS.`.
+const SECOND_PREFIX: usize = 20;
+
+thread_local! {
+    /// The second last formatted on this thread, and its `YYYY-MM-DDTHH:MM:SS.`.
+    static LAST_SECOND: Cell<(u64, [u8; SECOND_PREFIX])> = const { Cell::new((u64::MAX, [0; SECOND_PREFIX])) };
+}
+
+impl UtcMicros {
+    /// Writes `since_epoch` (`SystemTime::now()` in use; any instant in tests).
+    fn write(w: &mut impl fmt::Write, since_epoch: Duration) -> fmt::Result {
+        let secs = since_epoch.as_secs();
+        let (cached, mut prefix) = LAST_SECOND.get();
+        if cached != secs {
+            let formatted = format_iso8601(UNIX_EPOCH + Duration::from_secs(secs));
+            // `…THH:MM:SSZ`, 20 bytes for years 0000–9999; other years are written uncached.
+            let Some(date_time) = formatted.strip_suffix('Z') else {
+                return Err(fmt::Error);
+            };
+            if date_time.len() + 1 != SECOND_PREFIX {
+                return write!(w, "{date_time}.{:06}Z", since_epoch.subsec_micros());
+            }
+            prefix[..SECOND_PREFIX - 1].copy_from_slice(date_time.as_bytes());
+            prefix[SECOND_PREFIX - 1] = b'.';
+            LAST_SECOND.set((secs, prefix));
+        }
+        let mut micros = since_epoch.subsec_micros();
+        let mut tail = *b"000000Z";
+        for digit in tail[..6].iter_mut().rev() {
+            *digit = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        w.write_str(std::str::from_utf8(&prefix).map_err(|_| fmt::Error)?)?;
+        w.write_str(std::str::from_utf8(&tail).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl FormatTime for UtcMicros {
+    fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_err(|_| fmt::Error)?;
+        Self::write(w, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::fmt::MakeWriter;
+    use tracing_subscriber::fmt::format::{DefaultFields, Format};
+
+    use super::*;
+
+    /// A fixed time, so that the general formatter's lines and ours can be compared byte for byte.
+    #[derive(Clone, Copy)]
+    struct At(Duration);
+
+    impl FormatTime for At {
+        fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
+            UtcMicros::write(w, self.0)
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Captured {
+        fn take(&self) -> String {
+            let mut bytes = self.0.lock().expect("lock");
+            String::from_utf8(std::mem::take(&mut *bytes)).expect("utf-8")
+        }
+    }
+
+    impl io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    const AT: At = At(Duration::from_micros(1_795_437_188_004_050));
+
+    /// Every kind of value the access line records, with the characters that need escaping.
+    fn emit_access_lines() {
+        for agent in [
+            "aws-sdk-rust/1.3 os/linux",
+            "quote\" backslash\\ tab\t newline\n bell\u{7} nul\0 é ☃ \u{301}",
+            "",
+        ] {
+            let caller: std::net::IpAddr = "169.254.170.23".parse().expect("ip");
+            tracing::info!(
+                target: "imdsd::access",
+                method = %http::Method::GET,
+                path = "/latest/meta-data/iam/security-credentials/app",
+                caller = %caller,
+                container = Some("web-1"),
+                container_id = None::<&str>,
+                role = "arn:aws:iam::123456789012:role/app",
+                refused = ?Some("AccessDenied"),
+                status = 200u16,
+                micros = 17u64,
+                negative = -3i64,
+                flag = true,
+                agent,
+            );
+        }
+    }
+
+    fn text_general() -> Format<tracing_subscriber::fmt::format::Full, At> {
+        tracing_subscriber::fmt::format()
+            .with_timer(AT)
+            .with_ansi(false)
+    }
+
+    #[test]
+    fn text_access_lines_are_what_the_general_formatter_writes() {
+        let general = Captured::default();
+        let ours = Captured::default();
+        tracing::subscriber::with_default(
+            tracing_subscriber::fmt()
+                .with_writer(general.clone())
+                .with_ansi(false)
+                .event_format(text_general())
+                .finish(),
+            emit_access_lines,
+        );
+        tracing::subscriber::with_default(
+            tracing_subscriber::fmt()
+                .with_writer(ours.clone())
+                .with_ansi(false)
+                .event_format(Lines::with_timer(text_general(), AT, false))
+                .finish(),
+            emit_access_lines,
+        );
+        let (general, ours) = (general.take(), ours.take());
+        assert_eq!(ours.lines().count(), 3, "{ours}");
+        assert!(
+            ours.starts_with("2026-11-23T12:33:08.004050Z  INFO imdsd::access: method=GET "),
+            "{ours}"
+        );
+        assert_eq!(ours, general);
+    }
+
+    #[test]
+    fn json_access_lines_are_what_the_general_formatter_writes() {
+        let json_general = || text_general().json().flatten_event(true);
+        let general = Captured::default();
+        let ours = Captured::default();
+        tracing::subscriber::with_default(
+            tracing_subscriber::fmt()
+                .with_writer(general.clone())
+                .fmt_fields(JsonFields::new())
+                .event_format(json_general())
+                .finish(),
+            emit_access_lines,
+        );
+        tracing::subscriber::with_default(
+            tracing_subscriber::fmt()
+                .with_writer(ours.clone())
+                .fmt_fields(JsonFields::new())
+                .event_format(Lines::with_timer(json_general(), AT, true))
+                .finish(),
+            emit_access_lines,
+        );
+        let (general, ours) = (general.take(), ours.take());
+        // serde_json and this module escape alike, so the bytes match, not only the values.
+        assert_eq!(ours, general);
+        let first: serde_json::Value =
+            serde_json::from_str(ours.lines().next().expect("a line")).expect("JSON");
+        assert_eq!(first["timestamp"], "2026-11-23T12:33:08.004050Z");
+        assert_eq!(first["target"], "imdsd::access");
+        assert_eq!(first["status"], 200);
+        assert_eq!(first["caller"], "169.254.170.23");
+        assert_eq!(first["refused"], "Some(\"AccessDenied\")");
+        assert!(first.get("container_id").is_none(), "{first}");
+        let second: serde_json::Value =
+            serde_json::from_str(ours.lines().nth(1).expect("a line")).expect("JSON");
+        assert_eq!(
+            second["agent"],
+            "quote\" backslash\\ tab\t newline\n bell\u{7} nul\0 é ☃ \u{301}"
+        );
+    }
+
+    #[test]
+    fn other_events_and_access_lines_in_a_span_go_to_the_general_formatter() {
+        let ours = Captured::default();
+        tracing::subscriber::with_default(
+            tracing_subscriber::fmt()
+                .with_writer(ours.clone())
+                .with_ansi(false)
+                .fmt_fields(DefaultFields::new())
+                .event_format(Lines::with_timer(text_general(), AT, false))
+                .finish(),
+            || {
+                tracing::info!(target: "imdsd::app", addr = "127.0.0.1:80", "serving");
+                let span = tracing::info_span!("conn", peer = 7);
+                let _entered = span.enter();
+                tracing::info!(target: "imdsd::access", status = 200u16);
+            },
+        );
+        let text = ours.take();
+        assert!(
+            text.contains("INFO imdsd::app: serving addr=\"127.0.0.1:80\"\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("INFO conn{peer=7}: imdsd::access: status=200\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn identical_lines_beyond_the_burst_are_counted_not_written() {
+        let filter = RepeatFilter::default();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let creds = [
+            "GET",
+            "/latest/meta-data/iam/security-credentials/app",
+            "200",
+            "sdk",
+        ];
+        let write = |suppressed| Verdict::Write { suppressed };
+        // Three a second: the fourth and fifth identical ones are left out.
+        for ms in [0, 1, 2] {
+            assert_eq!(filter.check(3, creds, at(ms)), write(0));
+        }
+        assert_eq!(filter.check(3, creds, at(3)), Verdict::Skip);
+        assert_eq!(filter.check(3, creds, at(4)), Verdict::Skip);
+        // A different line (another status, path, method or agent) is always written, and
+        // reports what was left out before it.
+        let denied = [
+            "GET",
+            "/latest/meta-data/iam/security-credentials/app",
+            "401",
+            "sdk",
+        ];
+        assert_eq!(filter.check(3, denied, at(5)), write(2));
+        for other in [
+            ["HEAD", creds[1], "200", "sdk"],
+            [
+                "GET",
+                "/latest/meta-data/iam/security-credentials/",
+                "200",
+                "sdk",
+            ],
+            ["GET", creds[1], "200", "other-sdk"],
+            // Not the same line with the separator moved between fields.
+            [
+                "GET",
+                "/latest/meta-data/iam/security-credentials/app\u{0}200",
+                "",
+                "sdk",
+            ],
+            creds,
+        ] {
+            assert_eq!(filter.check(3, other, at(6)), write(0), "{other:?}");
+        }
+        assert_eq!(filter.check(3, creds, at(7)), write(0));
+        assert_eq!(filter.check(3, creds, at(8)), write(0));
+        assert_eq!(filter.check(3, creds, at(9)), Verdict::Skip);
+        // A second after the window began, the burst is available again.
+        assert_eq!(filter.check(3, creds, at(1_006)), write(1));
+        // 0 writes everything.
+        for ms in 0..10 {
+            assert_eq!(filter.check(0, creds, at(2_000 + ms)), write(0));
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_microseconds_across_second_boundaries() {
+        let mut s = String::new();
+        for micros in [
+            0,
+            999_999,
+            1_000_000,
+            1_795_437_188_004_050,
+            1_795_437_188_999_999,
+            1_795_437_189_000_001,
+        ] {
+            UtcMicros::write(&mut s, Duration::from_micros(micros)).expect("format");
+            s.push('|');
+        }
+        assert_eq!(
+            s,
+            "1970-01-01T00:00:00.000000Z|1970-01-01T00:00:00.999999Z|\
+             1970-01-01T00:00:01.000000Z|2026-11-23T12:33:08.004050Z|\
+             2026-11-23T12:33:08.999999Z|2026-11-23T12:33:09.000001Z|"
+        );
+        let mut now = String::new();
+        UtcMicros
+            .format_time(&mut Writer::new(&mut now))
+            .expect("now");
+        assert_eq!(now.len(), "2026-11-23T12:33:08.004050Z".len(), "{now}");
+        assert!(now.ends_with('Z') && now.as_bytes()[19] == b'.', "{now}");
+    }
+}
