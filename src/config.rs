@@ -1731,12 +1731,18 @@ mod tests {
             "maybe",
             "--refresh-threshold",
             "5",
+            "--access-log-burst",
+            "lots",
             "--fake-credentials=perhaps",
             "bad role name",
         ])
         .expect_err("invalid");
         let text = err.to_string();
-        assert_eq!(err.problems.len(), 7, "{text}");
+        assert_eq!(err.problems.len(), 8, "{text}");
+        assert!(
+            text.contains("--access-log-burst: \"lots\" is not a number of lines"),
+            "{text}"
+        );
         assert!(
             text.contains("--listen: \"localhost:80\" is not an address"),
             "{text}"

@@ -308,6 +308,81 @@ async fn the_request_log_has_the_fields_operators_need() {
     assert!(line["micros"].as_u64().is_some(), "{line}");
 }
 
+/// The access lines of a process's log, parsed.
+fn access_lines(d: &Process) -> Vec<Value> {
+    d.log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "imdsd::access")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_in_a_loop_gets_a_few_lines_a_second_and_a_count() {
+    let spawn = |burst: &str| {
+        let state = tempfile::tempdir().expect("tempdir");
+        let path = state.path().to_str().expect("utf8").to_string();
+        let args = [
+            "--fake-credentials",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            &path,
+            "--access-log-burst",
+            burst,
+            "app",
+        ];
+        (Process::spawn(&args, &[]), state)
+    };
+    const REQUESTS: u64 = 20;
+    for (burst, limited) in [("3", true), ("0", false)] {
+        let (d, _state) = spawn(burst);
+        for _ in 0..REQUESTS {
+            assert_eq!(raw(d.addr(), "GET", CREDS, &[]).status, 200);
+        }
+        // A different request is always written, with the count of what was left out before it.
+        assert_eq!(
+            raw(d.addr(), "GET", "/latest/meta-data/nothing", &[]).status,
+            404
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let lines = loop {
+            let lines = access_lines(&d);
+            if lines.iter().any(|l| l["status"] == 404) {
+                break lines;
+            }
+            assert!(Instant::now() < deadline, "no 404 line: {}", d.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let written = lines.iter().filter(|l| l["path"] == CREDS).count() as u64;
+        let last = lines.iter().find(|l| l["status"] == 404).expect("404 line");
+        let suppressed = last["suppressed"].as_u64().unwrap_or(0);
+        assert_eq!(written + suppressed, REQUESTS, "burst {burst}: {lines:?}");
+        if limited {
+            // Three a second; twenty requests on loopback take far less than a few seconds.
+            assert!(
+                written < REQUESTS && written % 3 == 0,
+                "{written} lines: {lines:?}"
+            );
+            assert!(suppressed > 0);
+        } else {
+            assert_eq!(written, REQUESTS);
+            assert!(last.get("suppressed").is_none(), "{last}");
+        }
+        // Every request is counted in the metrics all the same.
+        let admin = d.admin_addr().expect("admin address");
+        let (_, metrics) = get(admin, "/metrics");
+        assert_eq!(
+            sample(
+                &metrics,
+                r#"imdsd_requests_total{route="credentials",status="200"}"#
+            ),
+            REQUESTS as f64
+        );
+        d.terminate();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_a_slow_request_in_flight() {
     let sts = ScriptedSts::start().await;
