@@ -289,8 +289,11 @@ impl Broker {
 
     /// Credentials for `key`, from the cache when they are fresh enough, else from the source.
     pub async fn get(&self, key: &Arc<AssumeRequest>) -> Result<Arc<Served>, FetchError> {
-        let entry = self.inner.entry(key);
-        self.get_entry(entry, key, self.now()).await
+        let ready = self.ready(&self.inner.entry(key), self.now());
+        match ready {
+            Ok(answer) => answer,
+            Err(fetch) => Box::pin(self.wait(fetch, key)).await,
+        }
     }
 
     /// The time on the broker's clock, for [`Broker::get_via`].
@@ -307,30 +310,38 @@ impl Broker {
         key: &Arc<AssumeRequest>,
         now: SystemTime,
     ) -> Result<Arc<Served>, FetchError> {
-        let bound = handle.0.load();
-        let entry = match bound.as_deref() {
-            Some(b) if Arc::ptr_eq(&b.key, key) && !b.entry.retired.load(Ordering::Acquire) => {
-                b.entry.clone()
-            }
-            _ => {
-                let entry = self.inner.entry(key);
-                handle.0.store(Some(Arc::new(Bound {
-                    key: key.clone(),
-                    entry: entry.clone(),
-                })));
-                entry
-            }
-        };
-        drop(bound);
-        self.get_entry(entry, key, now).await
+        let ready = self.ready(&self.bound_entry(handle, key), now);
+        match ready {
+            Ok(answer) => answer,
+            // Boxed: waiting (a timer and the shared fetch) is only for misses, and kept inline
+            // it would make every request's future, which hyper moves around, larger.
+            Err(fetch) => Box::pin(self.wait(fetch, key)).await,
+        }
     }
 
-    async fn get_entry(
+    /// `handle`'s entry if it is bound to `key` and still cached; else the map's, bound to it.
+    fn bound_entry(&self, handle: &EntryHandle, key: &Arc<AssumeRequest>) -> Arc<Entry> {
+        if let Some(b) = handle.0.load().as_deref()
+            && Arc::ptr_eq(&b.key, key)
+            && !b.entry.retired.load(Ordering::Acquire)
+        {
+            return b.entry.clone();
+        }
+        let entry = self.inner.entry(key);
+        handle.0.store(Some(Arc::new(Bound {
+            key: key.clone(),
+            entry: entry.clone(),
+        })));
+        entry
+    }
+
+    /// The answer for `entry` when there is one without waiting (fresh or servable cached
+    /// credentials, or a remembered error), else the fetch to wait for.
+    fn ready(
         &self,
-        entry: Arc<Entry>,
-        key: &AssumeRequest,
+        entry: &Arc<Entry>,
         now: SystemTime,
-    ) -> Result<Arc<Served>, FetchError> {
+    ) -> Result<Result<Arc<Served>, FetchError>, SharedFetch> {
         let inner = &self.inner;
         entry.last_access_ms.store(unix_ms(now), Ordering::Relaxed);
 
@@ -341,7 +352,7 @@ impl Broker {
                     // Normally the refresher has already started; this covers a late timer (the
                     // host was asleep). Short-lived credentials have a later refresh_at, so this
                     // never turns into a call per request.
-                    inner.refresh_if_due(&entry);
+                    inner.refresh_if_due(entry);
                 }
                 let counter = if left >= inner.config.min_remaining {
                     &inner.stats.hits
@@ -349,7 +360,7 @@ impl Broker {
                     &inner.stats.stale_served
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
-                return Ok(served);
+                return Ok(Ok(served));
             }
         }
 
@@ -361,19 +372,25 @@ impl Broker {
                 && at.elapsed() < inner.error_ttl(&err.error)
             {
                 inner.stats.cached_errors.fetch_add(1, Ordering::Relaxed);
-                return Err(err.clone());
+                return Ok(Err(err.clone()));
             } else {
                 None
             }
         };
-        let fetch = match inflight {
-            Some(fetch) => fetch,
-            None => inner.start_fetch(&entry),
-        };
         inner.stats.misses.fetch_add(1, Ordering::Relaxed);
-        // Boxed: the timer and the shared fetch are only for misses, and kept inline they would
-        // make every request's future (moved around by hyper) a few hundred bytes larger.
-        match Box::pin(tokio::time::timeout(inner.config.fetch_wait, fetch)).await {
+        Err(match inflight {
+            Some(fetch) => fetch,
+            None => inner.start_fetch(entry),
+        })
+    }
+
+    async fn wait(
+        &self,
+        fetch: SharedFetch,
+        key: &AssumeRequest,
+    ) -> Result<Arc<Served>, FetchError> {
+        let inner = &self.inner;
+        match tokio::time::timeout(inner.config.fetch_wait, fetch).await {
             Ok(result) => result,
             Err(_) => Err(FetchError {
                 error: SourceError::Unavailable(format!(
