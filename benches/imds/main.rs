@@ -11,7 +11,7 @@
 //!
 //! Scenarios (the letters):
 //! - (a) cached credentials GET with a valid IMDSv2 token, kept-alive connections (and (a′), the
-//!   same with the access log off, to show its cost);
+//!   same with the access log off, and (a″), with a line for every request, to show its cost);
 //! - (b) the SDK pattern: token PUT, role listing, credentials GET, each on a new connection
 //!   (imdsd closes connections by default, as EC2 does; the floor closes them too);
 //! - (c) (a) from 1,000 callers on distinct loopback addresses mapped to 50 roles (and (c′), the
@@ -178,6 +178,19 @@ fn main() {
             },
         );
         report.a_quiet = Some(quiet);
+        let every = scenario(
+            &rt,
+            &settings,
+            &Scenario {
+                title: "(a″) the same with a line for every request (`--access-log-burst 0`)",
+                daemon_args: vec!["--keep-alive", "--access-log-burst", "0", "bench-role"],
+                pattern: Pattern::KeepAlive,
+                callers: single.clone(),
+                mapping: false,
+                wrk: false,
+            },
+        );
+        report.a_every = Some(every);
     }
     if settings.wants("b") {
         report.b = Some(scenario(
@@ -727,6 +740,7 @@ struct Report {
     memory: Option<Memory>,
     a: Option<LoadOutcome>,
     a_quiet: Option<LoadOutcome>,
+    a_every: Option<LoadOutcome>,
     b: Option<LoadOutcome>,
     c: Option<LoadOutcome>,
     c_sdk: Option<LoadOutcome>,
@@ -917,6 +931,9 @@ impl Report {
         }
         if let Some(q) = &self.a_quiet {
             q.table(&mut out);
+        }
+        if let Some(e) = &self.a_every {
+            e.table(&mut out);
         }
         if let Some(b) = &self.b {
             b.table(&mut out);
