@@ -24,7 +24,6 @@ mod docker;
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -440,18 +439,7 @@ fn cleanup_stale_once() {
 /// ran): networks named `imdsd-nettest-<pid>-…`, and rules tagged `imdsd` that name a bridge
 /// `imdsdt<pid>…`. Only those names are touched.
 fn cleanup_stale() {
-    // Gone, or a zombie: a killed process stays one until its parent (maybe a slow subreaper)
-    // reaps it.
-    let dead = |pid: &str| {
-        pid.parse::<u32>().is_ok_and(|pid| {
-            match std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")) {
-                Ok(stat) => stat
-                    .rsplit_once(')')
-                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-                Err(_) => true,
-            }
-        })
-    };
+    let dead = docker::process_gone;
     if let Some(out) = quiet("docker", &["network", "ls", "--format", "{{.Name}}"]) {
         for name in String::from_utf8_lossy(&out.stdout).lines() {
             if let Some(pid) = name

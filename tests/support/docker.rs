@@ -826,13 +826,23 @@ fn cleanup_stale_once() {
     DONE.get_or_init(cleanup_stale);
 }
 
+/// Whether the process `pid` (decimal) has ended: gone, or a zombie, which a killed process stays
+/// until its parent (maybe a slow subreaper) reaps it. Anything that is not a pid is not "gone".
+pub fn process_gone(pid: &str) -> bool {
+    pid.parse::<u32>().is_ok_and(|pid| {
+        match std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")) {
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+            Err(_) => true,
+        }
+    })
+}
+
 /// Best effort: removes harness containers and networks whose creating process is gone (it was
 /// killed before its `Drop`s ran). Only resources carrying the harness's pid label are touched.
 pub fn cleanup_stale() {
-    let dead = |pid: &str| -> bool {
-        pid.parse::<u32>()
-            .is_ok_and(|pid| !Path::new("/proc").join(pid.to_string()).exists())
-    };
+    let dead = process_gone;
     let filter = format!("label={TEST_LABEL}=1");
     let format = format!("{{{{.ID}}}} {{{{.Label \"{PID_LABEL}\"}}}}");
     if let Ok(out) = try_docker(["ps", "--all", "--filter", &filter, "--format", &format]) {
