@@ -70,118 +70,210 @@ pub struct Cli {
 
     /// Address to serve metadata on; repeat for several (an IPv6 one is written [fd00:ec2::254]:80).
     /// [default: 169.254.169.254:80]
-    #[arg(long, env = "IMDSD_LISTEN", value_name = "ADDR", value_delimiter = ',')]
+    #[arg(
+        help_heading = "Metadata service",
+        long,
+        env = "IMDSD_LISTEN",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
     pub listen: Vec<String>,
 
     /// IMDSv2 policy: "optional" serves requests without a token too, "required" answers them 401.
     /// [default: optional]
-    #[arg(long, env = "IMDSD_HTTP_TOKENS", value_name = "optional|required")]
+    #[arg(
+        help_heading = "Metadata service",
+        long,
+        env = "IMDSD_HTTP_TOKENS",
+        value_name = "optional|required"
+    )]
     pub http_tokens: Option<String>,
 
     /// "disabled" answers every request 403, like an instance with its metadata endpoint off.
     /// [default: enabled]
-    #[arg(long, env = "IMDSD_HTTP_ENDPOINT", value_name = "enabled|disabled")]
+    #[arg(
+        help_heading = "Metadata service",
+        long,
+        env = "IMDSD_HTTP_ENDPOINT",
+        value_name = "enabled|disabled"
+    )]
     pub http_endpoint: Option<String>,
 
     /// Serve locally minted credentials that look real but work nowhere; makes no AWS calls.
-    #[arg(long, env = "IMDSD_FAKE_CREDENTIALS", value_name = "BOOL", num_args = 0..=1,
+    #[arg(help_heading = "Credentials and roles", long, env = "IMDSD_FAKE_CREDENTIALS", value_name = "BOOL", num_args = 0..=1,
           require_equals = true, default_missing_value = "true")]
     pub fake_credentials: Option<String>,
 
     /// Lifetime of fake credentials, like "6h" or "90m". [default: 6h]
-    #[arg(long, env = "IMDSD_FAKE_CREDENTIALS_LIFETIME", value_name = "DURATION")]
+    #[arg(
+        help_heading = "Credentials and roles",
+        long,
+        env = "IMDSD_FAKE_CREDENTIALS_LIFETIME",
+        value_name = "DURATION"
+    )]
     pub fake_credentials_lifetime: Option<String>,
 
     /// JSON file mapping caller IPs or CIDRs to roles (lyft/metadataproxy's format is accepted).
-    #[arg(long, env = "ROLE_MAPPING_FILE", value_name = "PATH")]
+    #[arg(
+        help_heading = "Credentials and roles",
+        long,
+        env = "ROLE_MAPPING_FILE",
+        value_name = "PATH"
+    )]
     pub role_mapping_file: Option<PathBuf>,
 
     /// Account for role names given without one (e.g. "app").
-    #[arg(long, env = "DEFAULT_ACCOUNT_ID", value_name = "ID")]
+    #[arg(
+        help_heading = "Credentials and roles",
+        long,
+        env = "DEFAULT_ACCOUNT_ID",
+        value_name = "ID"
+    )]
     pub default_account_id: Option<String>,
 
     /// JSON object of account alias to account id, for roles written name@alias.
-    #[arg(long, env = "AWS_ACCOUNT_MAP", value_name = "JSON")]
+    #[arg(
+        help_heading = "Credentials and roles",
+        long,
+        env = "AWS_ACCOUNT_MAP",
+        value_name = "JSON"
+    )]
     pub account_map: Option<String>,
 
     /// RoleSessionName template for callers that are not containers; {ip} is the caller's address.
     /// [default: imdsd-{ip}]
-    #[arg(long, env = "IMDSD_SESSION_NAME", value_name = "TEMPLATE")]
+    #[arg(
+        help_heading = "Credentials and roles",
+        long,
+        env = "IMDSD_SESSION_NAME",
+        value_name = "TEMPLATE"
+    )]
     pub session_name: Option<String>,
 
     /// Credentials handed out keep at least this many minutes of validity (15 or more);
     /// they are refreshed in the background before that. [default: 30]
-    #[arg(long, env = "ROLE_EXPIRATION_THRESHOLD", value_name = "MINUTES")]
+    #[arg(
+        help_heading = "Credentials and roles",
+        long,
+        env = "ROLE_EXPIRATION_THRESHOLD",
+        value_name = "MINUTES"
+    )]
     pub refresh_threshold: Option<String>,
 
     /// The instance's region (and the region for STS). AWS_DEFAULT_REGION is read too.
     /// [default: us-east-1]
-    #[arg(long, env = "AWS_REGION", value_name = "REGION")]
+    #[arg(
+        help_heading = "Credentials and roles",
+        long,
+        env = "AWS_REGION",
+        value_name = "REGION"
+    )]
     pub region: Option<String>,
 
     /// Shared-config profile of the daemon's own AWS identity (SSO, credential_process and
     /// source_profile chains work).
-    #[arg(long, env = "AWS_PROFILE", value_name = "NAME")]
+    #[arg(
+        help_heading = "Credentials and roles",
+        long,
+        env = "AWS_PROFILE",
+        value_name = "NAME"
+    )]
     pub profile: Option<String>,
 
     /// STS endpoint URL, e.g. a LocalStack or moto server. AWS_ENDPOINT_URL is honoured too.
     /// [default: the regional endpoint]
-    #[arg(long, env = "AWS_ENDPOINT_URL_STS", value_name = "URL")]
+    #[arg(
+        help_heading = "Credentials and roles",
+        long,
+        env = "AWS_ENDPOINT_URL_STS",
+        value_name = "URL"
+    )]
     pub sts_endpoint: Option<String>,
 
     /// DurationSeconds of the sessions imdsd creates (900 to 43200; role chains are capped at 3600).
     /// [default: 3600]
-    #[arg(long, env = "IMDSD_ROLE_DURATION", value_name = "SECONDS")]
+    #[arg(
+        help_heading = "Credentials and roles",
+        long,
+        env = "IMDSD_ROLE_DURATION",
+        value_name = "SECONDS"
+    )]
     pub role_duration: Option<String>,
 
     /// Let the daemon's own identity come from the instance metadata service (an EC2 instance
     /// profile). Off by default: the daemon usually is the metadata service on its host.
-    #[arg(long, env = "IMDSD_SOURCE_IMDS", value_name = "BOOL", num_args = 0..=1,
+    #[arg(help_heading = "Credentials and roles", long, env = "IMDSD_SOURCE_IMDS", value_name = "BOOL", num_args = 0..=1,
           require_equals = true, default_missing_value = "true")]
     pub source_imds: Option<String>,
 
     /// Directory for state that must survive restarts (the IMDSv2 token key).
     /// [default: $STATE_DIRECTORY, /var/lib/imdsd, or ~/.local/state/imdsd]
-    #[arg(long, env = "IMDSD_STATE_DIR", value_name = "PATH")]
+    #[arg(
+        help_heading = "Operation",
+        long,
+        env = "IMDSD_STATE_DIR",
+        value_name = "PATH"
+    )]
     pub state_dir: Option<PathBuf>,
 
     /// Log format. [default: text]
-    #[arg(long, env = "IMDSD_LOG_FORMAT", value_name = "text|json")]
+    #[arg(
+        help_heading = "Operation",
+        long,
+        env = "IMDSD_LOG_FORMAT",
+        value_name = "text|json"
+    )]
     pub log_format: Option<String>,
 
     /// Log filter, e.g. "info", "debug", or "info,imdsd::access=warn". [default: info]
-    #[arg(long, env = "IMDSD_LOG", value_name = "FILTER")]
+    #[arg(
+        help_heading = "Operation",
+        long,
+        env = "IMDSD_LOG",
+        value_name = "FILTER"
+    )]
     pub log_level: Option<String>,
 
     /// Identical access lines (same method, path, status, user agent) written per caller and
     /// second; the rest are counted and reported on the caller's next line. 0 writes every
     /// request. [default: 10]
-    #[arg(long, env = "IMDSD_ACCESS_LOG_BURST", value_name = "LINES")]
+    #[arg(
+        help_heading = "Operation",
+        long,
+        env = "IMDSD_ACCESS_LOG_BURST",
+        value_name = "LINES"
+    )]
     pub access_log_burst: Option<String>,
 
     /// Keep connections open between requests (EC2 closes them; useful under heavy load).
-    #[arg(long, env = "IMDSD_KEEP_ALIVE", value_name = "BOOL", num_args = 0..=1,
+    #[arg(help_heading = "Operation", long, env = "IMDSD_KEEP_ALIVE", value_name = "BOOL", num_args = 0..=1,
           require_equals = true, default_missing_value = "true")]
     pub keep_alive: Option<String>,
 
     /// Answer a token request carrying "Expect: 100-continue" with 417, as EC2 does.
-    #[arg(long, env = "IMDSD_STRICT_EXPECT", value_name = "BOOL", num_args = 0..=1,
+    #[arg(help_heading = "Operation", long, env = "IMDSD_STRICT_EXPECT", value_name = "BOOL", num_args = 0..=1,
           require_equals = true, default_missing_value = "true")]
     pub strict_expect: Option<String>,
 
     /// "reject" refuses IMDSv2 requests carrying X-Forwarded-For with 403, as EC2 does.
     /// [default: reject]
-    #[arg(long, env = "IMDSD_FORWARDED_FOR", value_name = "reject|allow")]
+    #[arg(
+        help_heading = "Operation",
+        long,
+        env = "IMDSD_FORWARDED_FOR",
+        value_name = "reject|allow"
+    )]
     pub forwarded_for: Option<String>,
 
     /// Docker Engine to follow: unix:///path, tcp://host:port, or "none" for no containers
     /// (DOCKER_URL is read too). [default: unix:///var/run/docker.sock when it exists]
-    #[arg(long, env = "DOCKER_HOST", value_name = "URL")]
+    #[arg(help_heading = "Docker", long, env = "DOCKER_HOST", value_name = "URL")]
     pub docker_host: Option<String>,
 
     /// Only serve containers attached to these Docker networks (comma-separated names).
     /// [default: all networks]
     #[arg(
+        help_heading = "Docker",
         long,
         env = "IMDSD_NETWORKS",
         value_name = "NAMES",
@@ -190,17 +282,28 @@ pub struct Cli {
     pub networks: Vec<String>,
 
     /// Environment variable in which a container names its role. [default: IAM_ROLE]
-    #[arg(long, env = "IMDSD_ROLE_ENV", value_name = "NAME")]
+    #[arg(
+        help_heading = "Docker",
+        long,
+        env = "IMDSD_ROLE_ENV",
+        value_name = "NAME"
+    )]
     pub role_env: Option<String>,
 
     /// Prefix of the container labels imdsd reads (<prefix>.role, <prefix>.role-alias,
     /// <prefix>.external-id, <prefix>.policy). [default: imdsd]
-    #[arg(long, env = "IMDSD_LABEL_PREFIX", value_name = "PREFIX")]
+    #[arg(
+        help_heading = "Docker",
+        long,
+        env = "IMDSD_LABEL_PREFIX",
+        value_name = "PREFIX"
+    )]
     pub label_prefix: Option<String>,
 
     /// Roles containers may ask for (comma-separated globs; "arn:…" patterns match the ARN,
     /// others the role name). Role aliases are always allowed. [default: any role]
     #[arg(
+        help_heading = "Docker",
         long,
         env = "IMDSD_ALLOWED_ROLES",
         value_name = "GLOBS",
@@ -209,38 +312,64 @@ pub struct Cli {
     pub allowed_roles: Vec<String>,
 
     /// Containers may only choose roles by alias (the [role_aliases] table in the config file).
-    #[arg(long, env = "IMDSD_ALIASES_ONLY", value_name = "BOOL", num_args = 0..=1,
+    #[arg(help_heading = "Docker", long, env = "IMDSD_ALIASES_ONLY", value_name = "BOOL", num_args = 0..=1,
           require_equals = true, default_missing_value = "true")]
     pub aliases_only: Option<String>,
 
     /// Where a container's session name comes from: Env:KEY or Labels:KEY.
     /// [default: the session name template]
-    #[arg(long, env = "ROLE_SESSION_KEY", value_name = "Env:KEY|Labels:KEY")]
+    #[arg(
+        help_heading = "Docker",
+        long,
+        env = "ROLE_SESSION_KEY",
+        value_name = "Env:KEY|Labels:KEY"
+    )]
     pub role_session_key: Option<String>,
 
     /// How long a request from a container imdsd has not seen start yet waits for it (0 to 250ms).
     /// [default: 250ms]
-    #[arg(long, env = "IMDSD_UNKNOWN_CALLER_WAIT", value_name = "DURATION")]
+    #[arg(
+        help_heading = "Docker",
+        long,
+        env = "IMDSD_UNKNOWN_CALLER_WAIT",
+        value_name = "DURATION"
+    )]
     pub unknown_caller_wait: Option<String>,
 
     /// Address of the admin API (/healthz, /readyz, /metrics, /v1/workloads), or "none". Never
     /// the metadata address. [default: 127.0.0.1:9169]
-    #[arg(long, env = "IMDSD_ADMIN_LISTEN", value_name = "ADDR")]
+    #[arg(
+        help_heading = "Operation",
+        long,
+        env = "IMDSD_ADMIN_LISTEN",
+        value_name = "ADDR"
+    )]
     pub admin_listen: Option<String>,
 
     /// "emulate" serves a whole emulated instance; "proxy" forwards every path imdsd does not own
     /// to --upstream (on EC2). MOCK_API=true/false is read too. [default: emulate]
-    #[arg(long, env = "IMDSD_MODE", value_name = "emulate|proxy")]
+    #[arg(
+        help_heading = "Metadata service",
+        long,
+        env = "IMDSD_MODE",
+        value_name = "emulate|proxy"
+    )]
     pub mode: Option<String>,
 
     /// Proxy mode: the real metadata service. [default: http://169.254.169.254]
-    #[arg(long, env = "METADATA_URL", value_name = "URL")]
+    #[arg(
+        help_heading = "Metadata service",
+        long,
+        env = "METADATA_URL",
+        value_name = "URL"
+    )]
     pub upstream: Option<String>,
 
     /// Proxy mode: forward only these paths (comma-separated globs such as
     /// "/latest/meta-data/placement/*", or presets such as "@node-termination-handler"); others
     /// get 404. [default: every path but the host's identity credentials]
     #[arg(
+        help_heading = "Metadata service",
         long,
         env = "IMDSD_PROXY_ALLOW",
         value_name = "PATTERNS",
@@ -249,7 +378,7 @@ pub struct Cli {
     pub proxy_allow: Vec<String>,
 
     /// Proxy mode: never show the host's user-data to containers.
-    #[arg(long, env = "IMDSD_HIDE_USER_DATA", value_name = "BOOL", num_args = 0..=1,
+    #[arg(help_heading = "Metadata service", long, env = "IMDSD_HIDE_USER_DATA", value_name = "BOOL", num_args = 0..=1,
           require_equals = true, default_missing_value = "true")]
     pub hide_user_data: Option<String>,
 
@@ -257,6 +386,7 @@ pub struct Cli {
     /// e.g. 169.254.170.2:80 for AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials.
     /// [default: off]
     #[arg(
+        help_heading = "Metadata service",
         long,
         env = "IMDSD_ECS_LISTEN",
         value_name = "ADDR",
@@ -266,12 +396,17 @@ pub struct Cli {
 
     /// Require each container-credentials request to carry its caller's token in Authorization
     /// (AWS_CONTAINER_AUTHORIZATION_TOKEN); the admin API hands tokens out.
-    #[arg(long, env = "IMDSD_ECS_AUTH", value_name = "BOOL", num_args = 0..=1,
+    #[arg(help_heading = "Metadata service", long, env = "IMDSD_ECS_AUTH", value_name = "BOOL", num_args = 0..=1,
           require_equals = true, default_missing_value = "true")]
     pub ecs_auth: Option<String>,
 
     /// How often the container index is compared with a full listing. [default: 5m]
-    #[arg(long, env = "IMDSD_DOCKER_RESYNC", value_name = "DURATION")]
+    #[arg(
+        help_heading = "Docker",
+        long,
+        env = "IMDSD_DOCKER_RESYNC",
+        value_name = "DURATION"
+    )]
     pub docker_resync: Option<String>,
 }
 
@@ -2113,6 +2248,24 @@ mod tests {
             Ok(Parsed::Info(text)) => {
                 assert!(text.contains("--http-tokens"));
                 assert!(text.contains("[env: IMDSD_HTTP_TOKENS="));
+                // Every flag sits under its topic; the general list keeps only the basics.
+                let general = text
+                    .split_once("\nOptions:\n")
+                    .and_then(|(_, rest)| rest.split_once("\nMetadata service:\n"))
+                    .map(|(general, _)| general)
+                    .expect("Options, then the topics");
+                let flags: Vec<&str> = general
+                    .split_whitespace()
+                    .filter(|w| w.starts_with("--"))
+                    .collect();
+                assert_eq!(
+                    flags,
+                    ["--default-role", "--config", "--help", "--version"],
+                    "{text}"
+                );
+                for topic in ["Credentials and roles:", "Docker:", "Operation:"] {
+                    assert!(text.contains(&format!("\n{topic}\n")), "{topic} in {text}");
+                }
             }
             other => panic!("unexpected {other:?}"),
         }
