@@ -7,6 +7,9 @@
 //! formatter would write, and hands every other event (and access lines in a span, or on a colour
 //! terminal) to it. [`UtcMicros`] is the timestamp of both: RFC 3339 in UTC with microseconds, as
 //! `tracing-subscriber`'s own, with the date and time of day formatted once per second.
+//!
+//! It also owns which access lines are written at all: [`RepeatFilter`] keeps one caller's
+//! identical lines to a few a second (`--access-log-burst`).
 
 use std::cell::Cell;
 use std::fmt::{self, Write as _};
