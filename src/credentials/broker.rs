@@ -169,6 +169,36 @@ struct Entry {
     retired: AtomicBool,
 }
 
+/// What [`Broker::get_now`] found.
+#[derive(Debug)]
+pub enum Lookup {
+    Ready(Result<Arc<Served>, FetchError>),
+    Wait(Waiting),
+}
+
+/// A fetch to wait for (joined, not started twice), bounded by the broker's `fetch_wait`.
+pub struct Waiting {
+    broker: Broker,
+    fetch: SharedFetch,
+    key: Arc<AssumeRequest>,
+}
+
+impl std::fmt::Debug for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waiting")
+            .field("role", &self.key.role_arn.as_str())
+            .finish()
+    }
+}
+
+impl Waiting {
+    pub async fn wait(self) -> Result<Arc<Served>, FetchError> {
+        // Boxed: waiting (a timer and the shared fetch) is only for misses, and kept inline it
+        // would make the futures that await it larger.
+        Box::pin(self.broker.wait(self.fetch, &self.key)).await
+    }
+}
+
 /// A caller's shortcut to the cache entry of one key, for [`Broker::get_via`].
 ///
 /// Whoever asks for the same key on every request (the identity's memoised assignment) keeps one
@@ -310,12 +340,27 @@ impl Broker {
         key: &Arc<AssumeRequest>,
         now: SystemTime,
     ) -> Result<Arc<Served>, FetchError> {
-        let ready = self.ready(&self.bound_entry(handle, key), now);
-        match ready {
-            Ok(answer) => answer,
-            // Boxed: waiting (a timer and the shared fetch) is only for misses, and kept inline
-            // it would make every request's future, which hyper moves around, larger.
-            Err(fetch) => Box::pin(self.wait(fetch, key)).await,
+        match self.get_now(handle, key, now) {
+            Lookup::Ready(answer) => answer,
+            Lookup::Wait(fetch) => fetch.wait().await,
+        }
+    }
+
+    /// [`Broker::get_via`] without waiting: the answer when there is one now (the cached-request
+    /// path needs no future at all), else the fetch to wait for.
+    pub fn get_now(
+        &self,
+        handle: &EntryHandle,
+        key: &Arc<AssumeRequest>,
+        now: SystemTime,
+    ) -> Lookup {
+        match self.ready(&self.bound_entry(handle, key), now) {
+            Ok(answer) => Lookup::Ready(answer),
+            Err(fetch) => Lookup::Wait(Waiting {
+                broker: self.clone(),
+                fetch,
+                key: key.clone(),
+            }),
         }
     }
 

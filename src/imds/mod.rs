@@ -10,7 +10,9 @@ pub mod response;
 pub mod token;
 pub mod tree;
 
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -20,7 +22,7 @@ use http::{Method, Request, Response, StatusCode};
 
 use crate::clock::{SharedClock, format_iso8601};
 use crate::credentials::SourceError;
-use crate::credentials::broker::{Broker, FetchError, Served};
+use crate::credentials::broker::{Broker, FetchError, Lookup, Served};
 use crate::identity::{Assignment, Identity, Refusal, RoleState, Workload};
 use crate::logging::{ACCESS_TARGET, AccessLine};
 use crate::metrics::{Metrics, Route};
@@ -81,6 +83,25 @@ pub struct Imds {
     metrics: Arc<Metrics>,
     /// Proxy mode: where paths imdsd does not own are forwarded.
     upstream: Option<Arc<Upstream>>,
+}
+
+/// An answer, or the rest of the work to await. Boxed, because a cached request never needs it:
+/// kept inline, the waits would make every request's future larger, and hyper moves it around.
+enum Step<'a> {
+    Ready(Outcome),
+    Later(Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>),
+}
+
+impl From<Outcome> for Step<'_> {
+    fn from(outcome: Outcome) -> Self {
+        Step::Ready(outcome)
+    }
+}
+
+impl From<Response<Body>> for Step<'_> {
+    fn from(response: Response<Body>) -> Self {
+        Step::Ready(response.into())
+    }
 }
 
 /// What the handler decided, for the request log.
@@ -253,7 +274,10 @@ impl Imds {
                 .path_and_query()
                 .map_or_else(|| req.uri().path(), |pq| pq.as_str()),
         };
-        let mut outcome = self.serve(path, &workload, &forward, now).await;
+        let mut outcome = match self.serve(path, &workload, &forward, now) {
+            Step::Ready(outcome) => outcome,
+            Step::Later(rest) => rest.await,
+        };
         outcome.workload = Some(workload);
         if let Some(left) = token_ttl {
             outcome
@@ -296,13 +320,16 @@ impl Imds {
         }
     }
 
-    async fn serve(
-        &self,
-        path: &MetadataPath<'_>,
-        workload: &Workload,
-        request: &Forward<'_>,
+    /// The answer to a metadata read, now when everything it needs is at hand (a cached request
+    /// never suspends), else the work left to await: a credential fetch, or the upstream in
+    /// proxy mode.
+    fn serve<'a>(
+        &'a self,
+        path: &'a MetadataPath<'_>,
+        workload: &'a Workload,
+        request: &'a Forward<'_>,
         now: SystemTime,
-    ) -> Outcome {
+    ) -> Step<'a> {
         let r = &self.responder;
         let rest = match path {
             MetadataPath::Root if self.upstream.is_some() => "",
@@ -321,37 +348,11 @@ impl Imds {
             && !(rest.starts_with(IAM_PREFIX)
                 && (rest.len() == IAM_PREFIX.len() || rest[IAM_PREFIX.len()..].starts_with('/')))
         {
-            // Boxed, as every wait that cached requests do not reach: an HTTP client's future
-            // kept inline would make every request's future larger, and hyper moves it around.
-            let mut response = Box::pin(self.forward(upstream, request)).await;
-            let listing_base = match rest {
-                "meta-data" => Some("/latest/meta-data/"),
-                "" if matches!(path, MetadataPath::Versioned { .. }) => Some("/latest/"),
-                _ => None,
-            };
-            if let Some(base) = listing_base
-                && response.status() == StatusCode::OK
-            {
-                // The host's listing, with `iam/` only for callers that have a role of their own
-                // and without what the caller may not read.
-                let iam = (rest == "meta-data").then_some(with_iam);
-                response = Box::pin(adjust_listing(r, response, iam, |entry| {
-                    let probe = match (base, entry.strip_suffix('/')) {
-                        // The version's own listing: `dynamic`, `meta-data`, `user-data`.
-                        ("/latest/", _) if entry != "user-data" => return true,
-                        // A directory is shown if anything below it may be read; the one the
-                        // proxy always withholds is the host's identity credentials.
-                        (_, Some("identity-credentials")) => {
-                            format!("{base}identity-credentials/ec2/info")
-                        }
-                        (_, Some(_)) => return true,
-                        (_, None) => format!("{base}{entry}"),
-                    };
-                    upstream.allows(&probe)
-                }))
-                .await;
-            }
-            return response.into();
+            return Step::Later(Box::pin(async move {
+                self.serve_upstream(upstream, path, rest, with_iam, request)
+                    .await
+                    .into()
+            }));
         }
         if rest == "meta-data" {
             return r
@@ -365,15 +366,54 @@ impl Imds {
         if let Some(sub) = rest.strip_prefix(IAM_PREFIX)
             && (sub.is_empty() || sub.starts_with('/'))
         {
-            return self
-                .serve_iam(sub.trim_start_matches('/'), workload, now)
-                .await;
+            return self.serve_iam(sub.trim_start_matches('/'), workload, now);
         }
         match self.tree.get(rest) {
             Some(Node::Dir(listing)) => r.ok(listing.clone(), ContentType::Text, None).into(),
             Some(Node::Leaf(body, content_type)) => r.ok(body.clone(), *content_type, None).into(),
             None => r.error(StatusCode::NOT_FOUND).into(),
         }
+    }
+
+    /// Proxy mode: a path imdsd does not own, from the upstream; listings adjusted to the caller.
+    async fn serve_upstream(
+        &self,
+        upstream: &Upstream,
+        path: &MetadataPath<'_>,
+        rest: &str,
+        with_iam: bool,
+        request: &Forward<'_>,
+    ) -> Response<Body> {
+        let r = &self.responder;
+        let mut response = self.forward(upstream, request).await;
+        let listing_base = match rest {
+            "meta-data" => Some("/latest/meta-data/"),
+            "" if matches!(path, MetadataPath::Versioned { .. }) => Some("/latest/"),
+            _ => None,
+        };
+        if let Some(base) = listing_base
+            && response.status() == StatusCode::OK
+        {
+            // The host's listing, with `iam/` only for callers that have a role of their own
+            // and without what the caller may not read.
+            let iam = (rest == "meta-data").then_some(with_iam);
+            response = adjust_listing(r, response, iam, |entry| {
+                let probe = match (base, entry.strip_suffix('/')) {
+                    // The version's own listing: `dynamic`, `meta-data`, `user-data`.
+                    ("/latest/", _) if entry != "user-data" => return true,
+                    // A directory is shown if anything below it may be read; the one the
+                    // proxy always withholds is the host's identity credentials.
+                    (_, Some("identity-credentials")) => {
+                        format!("{base}identity-credentials/ec2/info")
+                    }
+                    (_, Some(_)) => return true,
+                    (_, None) => format!("{base}{entry}"),
+                };
+                upstream.allows(&probe)
+            })
+            .await;
+        }
+        response
     }
 
     /// Proxy mode: the upstream's answer to a path imdsd does not own, if the caller may see it.
@@ -406,7 +446,7 @@ impl Imds {
     }
 
     /// `meta-data/iam/…`: present only for callers with a role.
-    async fn serve_iam(&self, sub: &str, workload: &Workload, now: SystemTime) -> Outcome {
+    fn serve_iam<'a>(&'a self, sub: &str, workload: &'a Workload, now: SystemTime) -> Step<'a> {
         let r = &self.responder;
         let assignment = match &workload.role {
             RoleState::Assigned(a) => a,
@@ -432,7 +472,7 @@ impl Imds {
                 None,
             ),
             Some(("security-credentials", name)) if name == assignment.role_name() => {
-                self.serve_credentials(assignment, now).await
+                return self.serve_credentials(assignment, now);
             }
             _ => r.error(StatusCode::NOT_FOUND),
         };
@@ -478,13 +518,27 @@ impl Imds {
         }
     }
 
-    async fn serve_credentials(&self, assignment: &Assignment, now: SystemTime) -> Response<Body> {
-        let r = &self.responder;
+    fn serve_credentials<'a>(&'a self, assignment: &'a Assignment, now: SystemTime) -> Step<'a> {
         match self
             .broker
-            .get_via(&assignment.cache, &assignment.request, now)
-            .await
+            .get_now(&assignment.cache, &assignment.request, now)
         {
+            Lookup::Ready(answer) => self.credentials_response(assignment, answer).into(),
+            Lookup::Wait(fetch) => Step::Later(Box::pin(async move {
+                let answer = fetch.wait().await;
+                self.credentials_response(assignment, answer).into()
+            })),
+        }
+    }
+
+    /// The credentials document, EC2's error document for a role that cannot be assumed, or 503.
+    fn credentials_response(
+        &self,
+        assignment: &Assignment,
+        answer: Result<Arc<Served>, FetchError>,
+    ) -> Response<Body> {
+        let r = &self.responder;
+        match answer {
             Ok(served) => r.ok(
                 served.rendered(credentials_document),
                 ContentType::Text,
