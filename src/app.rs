@@ -318,10 +318,7 @@ impl App {
         for (listener, addr) in self.listeners.into_iter().zip(self.local_addrs.iter()) {
             tracing::info!(addr = %addr, "serving instance metadata");
             let imds = self.imds.clone();
-            let handler = Arc::new(move |req, caller| {
-                let imds = imds.clone();
-                async move { imds.handle(req, caller).await }
-            });
+            let handler = Arc::new(move |req, caller| imds.clone().handle(req, caller));
             tasks.spawn(server::serve(
                 listener,
                 handler,

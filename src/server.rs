@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt as _;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -141,9 +142,10 @@ pub async fn serve<H, F>(
         let _ = stream.set_nodelay(true);
         let caller = peer.ip().to_canonical();
         let handler = handler.clone();
+        // `map`, not an `async` block around the handler's future: the block would keep the
+        // future twice (as its capture and as the awaited value), and hyper moves it around.
         let service = service_fn(move |req: Request<Incoming>| {
-            let fut = handler(req, caller);
-            async move { Ok::<_, Infallible>(fut.await) }
+            handler(req, caller).map(Ok::<_, Infallible>)
         });
         let conn = http1::Builder::new()
             .keep_alive(options.keep_alive)

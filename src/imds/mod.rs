@@ -153,8 +153,10 @@ impl Imds {
         self
     }
 
-    /// Answers one request from `caller`.
-    pub async fn handle<B>(&self, request: Request<B>, caller: IpAddr) -> Response<Body> {
+    /// Answers one request from `caller`. It takes the service by `Arc` so that the future it
+    /// returns can be handed to hyper as it is, without a wrapper future holding a second copy
+    /// of the request.
+    pub async fn handle<B>(self: Arc<Self>, request: Request<B>, caller: IpAddr) -> Response<Body> {
         let started = tokio::time::Instant::now();
         let path = path::parse(request.uri().path());
         let outcome = self.route(&request, caller, &path).await;
