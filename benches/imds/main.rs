@@ -393,6 +393,9 @@ fn scenario(rt: &tokio::runtime::Runtime, s: &Settings, sc: &Scenario) -> LoadOu
         max_ops: 50_000_000,
     };
     let measure = |addr: SocketAddr, pid: u32| {
+        if sc.pattern == Pattern::Sdk {
+            wait_for_conntrack();
+        }
         let before = procs::cpu_time(pid);
         let run = rt.block_on(load::run(&plan(addr, addr == daemon.addr)));
         let cpu = procs::cpu_time(pid).saturating_sub(before);
@@ -479,6 +482,29 @@ fn has_wrk() -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|o| !o.stdout.is_empty() || !o.stderr.is_empty())
+}
+
+/// Waits (up to a minute) until the kernel's connection-tracking table is at most a quarter
+/// full. Docker's iptables rules track loopback connections too, and a connection closed with a
+/// reset stays in the table for about ten seconds: an SDK-pattern run opens tens of thousands a
+/// second, so runs back to back fill the table, and the kernel then drops new connections
+/// ("nf_conntrack: table full"), stalling whichever server runs next for a second or more. Without
+/// connection tracking there is nothing to wait for.
+fn wait_for_conntrack() {
+    let read = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("/proc/sys/net/netfilter/{name}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let Some(max) = read("nf_conntrack_max") else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while read("nf_conntrack_count").is_some_and(|n| n > max / 4) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// `wrk -t1 -c<connections> -d<seconds>s --latency` with the token header.
