@@ -144,9 +144,8 @@ pub async fn serve<H, F>(
         let handler = handler.clone();
         // `map`, not an `async` block around the handler's future: the block would keep the
         // future twice (as its capture and as the awaited value), and hyper moves it around.
-        let service = service_fn(move |req: Request<Incoming>| {
-            handler(req, caller).map(Ok::<_, Infallible>)
-        });
+        let service =
+            service_fn(move |req: Request<Incoming>| handler(req, caller).map(Ok::<_, Infallible>));
         let conn = http1::Builder::new()
             .keep_alive(options.keep_alive)
             .title_case_headers(true)
