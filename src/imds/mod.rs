@@ -242,12 +242,18 @@ impl Imds {
         }
 
         let workload = self.identity.resolve(caller).await;
+        // Refusals carry the caller too: the access line then names the container, and a caller
+        // repeating a refused request (an expired token in a loop) is kept to a few lines.
+        let refuse = |status| Outcome {
+            response: r.error(status),
+            workload: Some(workload.clone()),
+        };
         // One reading of the clock for the token's expiry and the credentials' freshness.
         let now = self.broker.now();
         let token_ttl = match req.headers().get(TOKEN_HEADER) {
             Some(token) => {
                 if self.options.reject_forwarded && req.headers().contains_key(FORWARDED_FOR) {
-                    return r.error(StatusCode::FORBIDDEN).into();
+                    return refuse(StatusCode::FORBIDDEN);
                 }
                 match self.tokens.verify_with(
                     &workload.last_token,
@@ -259,12 +265,12 @@ impl Imds {
                     Err(e) => {
                         self.metrics.token_rejected();
                         tracing::debug!(caller = %caller, reason = %e, "refused an IMDSv2 token");
-                        return r.error(StatusCode::UNAUTHORIZED).into();
+                        return refuse(StatusCode::UNAUTHORIZED);
                     }
                 }
             }
             None if self.options.http_tokens == HttpTokens::Required => {
-                return r.error(StatusCode::UNAUTHORIZED).into();
+                return refuse(StatusCode::UNAUTHORIZED);
             }
             None => None,
         };
