@@ -340,16 +340,8 @@ async fn build_source(
     match &config.source {
         SourceConfig::Fake { lifetime } => {
             // Offline, the daemon's own identity is the emulated instance's account.
-            let accounts = AccountContext {
-                default_account: Some(
-                    config
-                        .default_account_id
-                        .clone()
-                        .unwrap_or_else(|| config.instance.account_id.clone()),
-                ),
-                partition: config.instance.partition.to_string(),
-                aliases: config.account_map.clone(),
-            };
+            let accounts =
+                config.account_context(&config.instance.account_id, config.instance.partition);
             Ok((Arc::new(FakeSource::new(*lifetime, clock)), accounts))
         }
         SourceConfig::Sts { .. } => {
@@ -377,16 +369,7 @@ async fn build_source(
                 }
             };
             let identity = source.identity();
-            let accounts = AccountContext {
-                default_account: Some(
-                    config
-                        .default_account_id
-                        .clone()
-                        .unwrap_or_else(|| identity.account.clone()),
-                ),
-                partition: identity.partition.clone(),
-                aliases: config.account_map.clone(),
-            };
+            let accounts = config.account_context(&identity.account, &identity.partition);
             Ok((Arc::new(source), accounts))
         }
     }

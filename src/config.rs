@@ -22,7 +22,7 @@ use crate::credentials::fake::DEFAULT_LIFETIME;
 use crate::docker::DockerOptions;
 use crate::identity::container::{ContainerRules, DEFAULT_UNKNOWN_CALLER_WAIT, SessionKey};
 use crate::identity::mapping::RoleMapping;
-use crate::identity::role::{RoleSpec, parse_account_map};
+use crate::identity::role::{AccountContext, RoleSpec, parse_account_map};
 use crate::identity::{IdentityConfig, check_session_name_template};
 use crate::imds::response::Connection;
 use crate::imds::{HttpTokens, ImdsOptions};
@@ -1461,6 +1461,21 @@ fn resolve_proxy(
 }
 
 impl Config {
+    /// How role names without an account resolve, given the daemon's own account and partition
+    /// (the emulated instance's offline, the AWS identity's otherwise): `DEFAULT_ACCOUNT_ID` wins
+    /// over the own account, and `AWS_ACCOUNT_MAP` names the aliases.
+    pub fn account_context(&self, own_account: &str, partition: &str) -> AccountContext {
+        AccountContext {
+            default_account: Some(
+                self.default_account_id
+                    .clone()
+                    .unwrap_or_else(|| own_account.to_string()),
+            ),
+            partition: partition.to_string(),
+            aliases: self.account_map.clone(),
+        }
+    }
+
     /// How to reach STS, unless the credentials are fake.
     pub fn sts_options(&self) -> Option<crate::credentials::sts::StsOptions> {
         match &self.source {

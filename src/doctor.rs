@@ -552,10 +552,9 @@ async fn check_identity(report: &mut Report, config: &Config) -> Option<Source> 
     match &config.source {
         SourceConfig::Fake { lifetime } => {
             // As the daemon does: offline, its own identity is the emulated instance's account.
-            let account = config
-                .default_account_id
-                .clone()
-                .unwrap_or_else(|| config.instance.account_id.clone());
+            let accounts =
+                config.account_context(&config.instance.account_id, config.instance.partition);
+            let account = accounts.default_account.clone().unwrap_or_default();
             report.pass(
                 IDENTITY,
                 format!(
@@ -565,11 +564,7 @@ async fn check_identity(report: &mut Report, config: &Config) -> Option<Source> 
             );
             Some(Source {
                 source: Arc::new(FakeSource::new(*lifetime, clock)),
-                accounts: AccountContext {
-                    default_account: Some(account),
-                    partition: config.instance.partition.to_string(),
-                    aliases: config.account_map.clone(),
-                },
+                accounts,
                 identity: None,
             })
         }
@@ -628,16 +623,7 @@ async fn check_identity(report: &mut Report, config: &Config) -> Option<Source> 
                     }
                 ),
             );
-            let accounts = AccountContext {
-                default_account: Some(
-                    config
-                        .default_account_id
-                        .clone()
-                        .unwrap_or_else(|| identity.account.clone()),
-                ),
-                partition: identity.partition.clone(),
-                aliases: config.account_map.clone(),
-            };
+            let accounts = config.account_context(&identity.account, &identity.partition);
             Some(Source {
                 source: Arc::new(source),
                 accounts,
