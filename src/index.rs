@@ -89,7 +89,9 @@ pub enum IndexEvent {
 
 #[derive(Default)]
 struct State {
-    by_ip: HashMap<IpAddr, Arc<Container>>,
+    /// Looked up on every request from a container: hashed with foldhash (seeded per process),
+    /// as the identity memo is.
+    by_ip: foldhash::HashMap<IpAddr, Arc<Container>>,
     by_id: HashMap<String, Arc<Container>>,
     /// Subnets of the Docker networks in view and their gateways (the host itself).
     subnets: Vec<IpNet>,

@@ -45,14 +45,37 @@ pub struct RepeatFilter(Mutex<Run>);
 
 #[derive(Debug, Default)]
 struct Run {
-    /// The caller's last written line, as `method NUL path NUL status NUL agent`.
+    /// The caller's last written line: its four parts one after the other…
     key: Vec<u8>,
+    /// …and where each ends in `key`.
+    ends: [usize; 4],
     /// When the current one-second window for `key` began.
     window: Option<Instant>,
     /// Lines written for `key` in the window.
     written: u32,
     /// Requests not written since the caller's last written line.
     suppressed: u64,
+}
+
+impl Run {
+    /// Whether `parts` are the parts of `key`: a length check, then one comparison per part
+    /// (this runs on every request).
+    fn is(&self, parts: &[&str; 4]) -> bool {
+        let mut start = 0;
+        parts.iter().zip(self.ends).all(|(part, end)| {
+            let same = end - start == part.len() && self.key[start..end] == *part.as_bytes();
+            start = end;
+            same
+        })
+    }
+
+    fn remember(&mut self, parts: &[&str; 4]) {
+        self.key.clear();
+        for (part, end) in parts.iter().zip(&mut self.ends) {
+            self.key.extend_from_slice(part.as_bytes());
+            *end = self.key.len();
+        }
+    }
 }
 
 /// What to do with one access line.
@@ -78,22 +101,12 @@ impl RepeatFilter {
         }
         let parts = [method, path, status, agent];
         let mut run = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let same = run.key.len() == parts.iter().map(|p| p.len() + 1).sum::<usize>() - 1
-            && run
-                .key
-                .split(|&b| b == 0)
-                .eq(parts.iter().map(|p| p.as_bytes()));
+        let same = run.is(&parts);
         let in_window = run
             .window
             .is_some_and(|start| now.saturating_duration_since(start) < Duration::from_secs(1));
         if !same {
-            run.key.clear();
-            for (i, part) in parts.iter().enumerate() {
-                if i > 0 {
-                    run.key.push(0);
-                }
-                run.key.extend_from_slice(part.as_bytes());
-            }
+            run.remember(&parts);
         }
         if !same || !in_window {
             run.window = Some(now);

@@ -3,18 +3,23 @@
 //! (credential cache, STS calls and errors, the Docker index and watcher).
 //!
 //! The request path only increments atomics: `prometheus-client`'s families take a read lock on
-//! a map that is written once per new label combination.
+//! a map that is written once per new label combination, so the request path looks each series up
+//! once and keeps it; and its `Histogram` takes a mutex per observation, so request latency goes
+//! into [`LatencyHistogram`], which counts with atomics alone.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet,
+};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use crate::credentials::broker::Broker;
@@ -95,22 +100,85 @@ fn status_index(status: u16) -> usize {
 
 const ROUTES: usize = 5;
 
-/// Seconds: 50 µs to ~3 s, doubling. The request path is expected in the lowest buckets; cold
-/// STS calls land in the top ones.
+/// The latency buckets' count and first bound: 50 µs to ~3 s, doubling. The request path is
+/// expected in the lowest buckets; cold STS calls land in the top ones.
+const LATENCY_BUCKETS: usize = 17;
+const FIRST_BOUND_NANOS: u64 = 50_000;
+
+/// The latency buckets' bounds in seconds, as exported.
 fn latency_buckets() -> impl Iterator<Item = f64> {
-    prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 17)
+    prometheus_client::metrics::histogram::exponential_buckets(
+        Duration::from_nanos(FIRST_BOUND_NANOS).as_secs_f64(),
+        2.0,
+        LATENCY_BUCKETS as u16,
+    )
+}
+
+/// A histogram of durations over [`latency_buckets`], recorded with two atomic additions: it is
+/// on every request, where `prometheus-client`'s `Histogram` would take a mutex. Clones share
+/// their counts.
+#[derive(Debug, Clone, Default)]
+pub struct LatencyHistogram(Arc<LatencyCounts>);
+
+#[derive(Debug, Default)]
+struct LatencyCounts {
+    /// Observations per bucket, not cumulative; the last is beyond every bound (`+Inf`).
+    buckets: [AtomicU64; LATENCY_BUCKETS + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.0.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.0.buckets[latency_bucket(nanos)].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The first bucket whose bound (`FIRST_BOUND_NANOS << i`) is at least `nanos`, or the `+Inf`
+/// one. With `q = (nanos - 1) / FIRST_BOUND_NANOS`, bound `i` holds `nanos` exactly when
+/// `q < 2^i`, so `i` is one more than `q`'s highest set bit.
+fn latency_bucket(nanos: u64) -> usize {
+    if nanos <= FIRST_BOUND_NANOS {
+        return 0;
+    }
+    let q = (nanos - 1) / FIRST_BOUND_NANOS;
+    usize::try_from(u64::BITS - q.leading_zeros())
+        .map_or(LATENCY_BUCKETS, |i| i.min(LATENCY_BUCKETS))
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = latency_buckets()
+            .chain([f64::INFINITY])
+            .zip(&self.0.buckets)
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
+            .collect();
+        // The count from the same loads as the buckets, so that it always equals `+Inf`'s.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = Duration::from_nanos(self.0.sum_nanos.load(Ordering::Relaxed)).as_secs_f64();
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 /// What the request path records.
 #[derive(Debug)]
 pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
-    latency: Family<RouteLabels, Histogram>,
+    latency: Family<RouteLabels, LatencyHistogram>,
     /// The members of `requests` and `latency` the request path has used, by route and status
     /// index: each is looked up in its family (a lock and a hash of the labels) once, then
     /// shared (they count into the same atomics). Series still appear only once used.
     request_counters: [[OnceLock<Counter>; STATUS_LABELS.len()]; ROUTES],
-    route_latency: [OnceLock<Histogram>; ROUTES],
+    route_latency: [OnceLock<LatencyHistogram>; ROUTES],
     tokens_issued: Counter,
     tokens_rejected: Counter,
     sts_latency: Histogram,
@@ -120,7 +188,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Self {
             requests: Family::default(),
-            latency: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            latency: Family::default(),
             request_counters: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
             route_latency: std::array::from_fn(|_| OnceLock::new()),
             tokens_issued: Counter::default(),
@@ -151,7 +219,7 @@ impl Metrics {
                     })
                     .clone()
             })
-            .observe(elapsed.as_secs_f64());
+            .observe(elapsed);
     }
 
     pub fn token_issued(&self) {
@@ -356,6 +424,65 @@ mod tests {
                 assert_eq!(label, status.to_string());
             }
         }
+    }
+
+    #[test]
+    fn a_duration_goes_to_the_first_bucket_that_holds_it() {
+        let bound = |i: usize| FIRST_BOUND_NANOS << i;
+        let mut nanos: Vec<u64> = vec![0, 1, u64::MAX];
+        for i in 0..LATENCY_BUCKETS {
+            nanos.extend([bound(i) - 1, bound(i), bound(i) + 1]);
+        }
+        for n in nanos {
+            let b = latency_bucket(n);
+            if b < LATENCY_BUCKETS {
+                assert!(n <= bound(b), "{n} ns in bucket {b}");
+            }
+            if b > 0 {
+                assert!(n > bound(b - 1), "{n} ns belongs below bucket {b}");
+            }
+        }
+        assert_eq!(
+            latency_bucket(bound(LATENCY_BUCKETS - 1) + 1),
+            LATENCY_BUCKETS
+        );
+    }
+
+    #[test]
+    fn the_latency_histogram_exports_what_prometheus_clients_would() {
+        let ours = LatencyHistogram::default();
+        let theirs = Histogram::new(latency_buckets());
+        for micros in [
+            0, 1, 50, 51, 80, 100, 101, 3_000, 250_000, 3_276_800, 3_276_801, 10_000_000,
+        ] {
+            ours.observe(Duration::from_micros(micros));
+            theirs.observe(Duration::from_micros(micros).as_secs_f64());
+        }
+        let export = |register: &dyn Fn(&mut Registry)| {
+            let mut registry = Registry::default();
+            register(&mut registry);
+            let mut text = String::new();
+            encode(&mut text, &registry).expect("encode");
+            // The sums are added in different units (integer nanoseconds here, floating-point
+            // seconds there) and may differ in the last digit.
+            text.lines()
+                .filter(|l| !l.starts_with("latency_sum"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let ours_text = export(&|r| r.register("latency", "", ours.clone()));
+        assert_eq!(
+            ours_text,
+            export(&|r| r.register("latency", "", theirs.clone()))
+        );
+        assert!(
+            ours_text.contains(&"latency_count 12".to_string()),
+            "{ours_text:?}"
+        );
+        assert!(
+            ours_text.contains(&r#"latency_bucket{le="0.0001"} 6"#.to_string()),
+            "{ours_text:?}"
+        );
     }
 
     #[test]

@@ -93,7 +93,15 @@ pub struct Served {
 
 /// A rendered credentials document. `Debug` never shows it: it holds the secret key and token.
 #[derive(Default)]
-struct Rendered(OnceLock<Bytes>);
+struct Rendered(OnceLock<Document>);
+
+/// What the HTTP layer serves for one set of credentials: the document's bytes and its
+/// `Last-Modified` header (`last_updated` as an HTTP date), both made once.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Document {
+    pub body: Bytes,
+    pub last_modified: http::HeaderValue,
+}
 
 impl std::fmt::Debug for Rendered {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -112,7 +120,7 @@ impl Served {
 
     /// The rendered document for these credentials: `render(self)` the first time, the same
     /// bytes afterwards. `render` must depend on nothing but `self`.
-    pub fn rendered(&self, render: impl FnOnce(&Served) -> Bytes) -> Bytes {
+    pub fn rendered(&self, render: impl FnOnce(&Served) -> Document) -> Document {
         self.rendered.0.get_or_init(|| render(self)).clone()
     }
 }
@@ -917,11 +925,14 @@ mod tests {
         let renders = AtomicU64::new(0);
         let render = |s: &Served| {
             renders.fetch_add(1, Ordering::SeqCst);
-            Bytes::from(s.credentials.secret_access_key.expose().to_string())
+            Document {
+                body: Bytes::from(s.credentials.secret_access_key.expose().to_string()),
+                last_modified: http::HeaderValue::from_static("then"),
+            }
         };
         let first = broker.get(&k).await.expect("ok");
         let again = broker.get(&k).await.expect("ok");
-        assert_eq!(first.rendered(render), again.rendered(render));
+        assert!(first.rendered(render) == again.rendered(render));
         assert_eq!(renders.load(Ordering::SeqCst), 1);
         assert!(!format!("{again:?}").contains(&"s".repeat(40)));
     }

@@ -19,7 +19,7 @@ pub mod container;
 pub mod mapping;
 pub mod role;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
@@ -226,7 +226,9 @@ pub struct Identity {
     index: Option<Index>,
     /// Resolution is pure given the caller's container, so its result per address is remembered,
     /// together with the container incarnation it was computed for.
-    memo: RwLock<HashMap<IpAddr, Arc<Workload>>>,
+    /// Hashed with foldhash, seeded per process: this lookup is on every request, and SipHash
+    /// costs several times as much for a 16-byte key.
+    memo: RwLock<foldhash::HashMap<IpAddr, Arc<Workload>>>,
 }
 
 /// Remembered addresses before the memo starts over; bounds memory under address scans.
@@ -274,7 +276,7 @@ impl Identity {
             rules: config.containers,
             aliases,
             index: None,
-            memo: RwLock::new(HashMap::new()),
+            memo: RwLock::default(),
         })
     }
 
@@ -515,7 +517,7 @@ mod tests {
         AccountContext {
             default_account: Some("123456789012".into()),
             partition: "aws".into(),
-            aliases: HashMap::new(),
+            aliases: std::collections::HashMap::new(),
         }
     }
 

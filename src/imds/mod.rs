@@ -22,7 +22,7 @@ use http::{Method, Request, Response, StatusCode};
 
 use crate::clock::{SharedClock, format_iso8601};
 use crate::credentials::SourceError;
-use crate::credentials::broker::{Broker, FetchError, Lookup, Served};
+use crate::credentials::broker::{Broker, Document, FetchError, Lookup, Served};
 use crate::identity::{Assignment, Identity, Refusal, RoleState, Workload};
 use crate::logging::{ACCESS_TARGET, AccessLine};
 use crate::metrics::{Metrics, Route};
@@ -83,6 +83,35 @@ pub struct Imds {
     metrics: Arc<Metrics>,
     /// Proxy mode: where paths imdsd does not own are forwarded.
     upstream: Option<Arc<Upstream>>,
+    /// Whether access lines are written at all, asked of the logger once: its filter is set at
+    /// start and never changes, and asking per request is a dispatcher lookup each time.
+    access_log: bool,
+}
+
+/// The request headers the metadata path reads, found in one pass over them: a request carries
+/// a handful, and comparing names is cheaper than hashing each name looked up.
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen<'a> {
+    token: Option<&'a HeaderValue>,
+    forwarded: bool,
+    agent: Option<&'a HeaderValue>,
+}
+
+impl<'a> Seen<'a> {
+    fn scan(headers: &'a http::HeaderMap) -> Self {
+        let mut seen = Seen::default();
+        for (name, value) in headers {
+            // The first value of each, as `HeaderMap::get` would give.
+            if *name == TOKEN_HEADER {
+                seen.token.get_or_insert(value);
+            } else if *name == header::USER_AGENT {
+                seen.agent.get_or_insert(value);
+            } else if *name == FORWARDED_FOR {
+                seen.forwarded = true;
+            }
+        }
+        seen
+    }
 }
 
 /// An answer, or the rest of the work to await. Boxed, because a cached request never needs it:
@@ -144,6 +173,7 @@ impl Imds {
             clock,
             metrics,
             upstream: None,
+            access_log: tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO),
         }
     }
 
@@ -157,29 +187,26 @@ impl Imds {
     /// returns can be handed to hyper as it is, without a wrapper future holding a second copy
     /// of the request.
     pub async fn handle<B>(self: Arc<Self>, request: Request<B>, caller: IpAddr) -> Response<Body> {
-        let started = tokio::time::Instant::now();
+        let started = std::time::Instant::now();
         let path = path::parse(request.uri().path());
-        let outcome = self.route(&request, caller, &path).await;
+        let seen = Seen::scan(request.headers());
+        let outcome = self.route(&request, &seen, caller, &path).await;
         let status = outcome.response.status();
         let elapsed = started.elapsed();
         self.metrics
             .request(route_of(&path), status.as_u16(), elapsed);
-        if tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
+        if self.access_log {
             let workload = outcome.workload.as_deref();
             let line = AccessLine {
                 method: request.method(),
                 path: request.uri().path(),
                 status,
-                agent: request
-                    .headers()
-                    .get(header::USER_AGENT)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-"),
+                agent: seen.agent.and_then(|v| v.to_str().ok()).unwrap_or("-"),
             };
             if let Some(suppressed) = line.admit(
                 workload.map(|w| &w.access_log),
                 self.options.access_log_burst,
-                started.into_std(),
+                started,
             ) {
                 let container = workload.and_then(|w| w.container.as_deref());
                 let (role, refused) = match workload.map(|w| &w.role) {
@@ -209,6 +236,7 @@ impl Imds {
     async fn route<B>(
         &self,
         req: &Request<B>,
+        seen: &Seen<'_>,
         caller: IpAddr,
         path: &Result<MetadataPath<'_>, PathError>,
     ) -> Outcome {
@@ -250,9 +278,9 @@ impl Imds {
         };
         // One reading of the clock for the token's expiry and the credentials' freshness.
         let now = self.broker.now();
-        let token_ttl = match req.headers().get(TOKEN_HEADER) {
+        let token_ttl = match seen.token {
             Some(token) => {
-                if self.options.reject_forwarded && req.headers().contains_key(FORWARDED_FOR) {
+                if self.options.reject_forwarded && seen.forwarded {
                     return refuse(StatusCode::FORBIDDEN);
                 }
                 match self.tokens.verify_with(
@@ -547,11 +575,13 @@ impl Imds {
     ) -> Response<Body> {
         let r = &self.responder;
         match answer {
-            Ok(served) => r.ok(
-                served.rendered(credentials_document),
-                ContentType::Text,
-                Some(served.last_updated),
-            ),
+            Ok(served) => {
+                let document = served.rendered(|served| Document {
+                    body: credentials_document(served),
+                    last_modified: response::http_date(served.last_updated),
+                });
+                r.ok_dated(document.body, ContentType::Text, document.last_modified)
+            }
             Err(FetchError {
                 error: SourceError::Denied { code, message },
                 at,

@@ -2,8 +2,7 @@
 //! carries, and the pretty-printed JSON style of IMDS documents (`"Key" : "value"`, two-space
 //! indent, no final newline).
 
-use std::cell::RefCell;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -150,6 +149,17 @@ impl Responder {
         content_type: ContentType,
         last_modified: Option<SystemTime>,
     ) -> Response<Body> {
+        let last_modified = last_modified.map_or_else(|| self.started.clone(), http_date);
+        self.ok_dated(body, content_type, last_modified)
+    }
+
+    /// [`Responder::ok`] with `Last-Modified` already formatted.
+    pub fn ok_dated(
+        &self,
+        body: Bytes,
+        content_type: ContentType,
+        last_modified: HeaderValue,
+    ) -> Response<Body> {
         let ct = match content_type {
             ContentType::Text => TEXT_PLAIN,
             ContentType::Binary => OCTET_STREAM,
@@ -157,10 +167,7 @@ impl Responder {
         let mut res = self.base(StatusCode::OK, body, ct);
         let h = res.headers_mut();
         h.insert(header::ACCEPT_RANGES, NO_RANGES);
-        h.insert(
-            header::LAST_MODIFIED,
-            last_modified.map_or_else(|| self.started.clone(), http_date),
-        );
+        h.insert(header::LAST_MODIFIED, last_modified);
         res
     }
 
@@ -205,30 +212,10 @@ impl Responder {
     }
 }
 
-/// An HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`).
-///
-/// A cached credentials GET sends its credentials' `LastUpdated` as `Last-Modified` every time,
-/// so each thread keeps the last one it formatted; HTTP dates have whole seconds, so the second
-/// is the whole key.
+/// An HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`). A cached credentials GET does not format
+/// one: its `Last-Modified` is made with the credentials' document (`broker::Document`).
 pub fn http_date(t: SystemTime) -> HeaderValue {
-    thread_local! {
-        static LAST: RefCell<Option<(Duration, HeaderValue)>> = const { RefCell::new(None) };
-    }
-    let format = |t| {
-        HeaderValue::from_str(&httpdate::fmt_http_date(t)).unwrap_or(HeaderValue::from_static(""))
-    };
-    let Ok(since_epoch) = t.duration_since(UNIX_EPOCH) else {
-        return format(t);
-    };
-    let second = Duration::from_secs(since_epoch.as_secs());
-    LAST.with_borrow_mut(|last| match last {
-        Some((at, value)) if *at == second => value.clone(),
-        _ => {
-            let value = format(t);
-            *last = Some((second, value.clone()));
-            value
-        }
-    })
+    HeaderValue::from_str(&httpdate::fmt_http_date(t)).unwrap_or(HeaderValue::from_static(""))
 }
 
 /// Writes an IMDS-style JSON object: one `"Key" : value` per line, two-space indent, no final LF.
@@ -263,6 +250,8 @@ pub fn json_str(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
     use super::*;
 
     #[test]
@@ -293,7 +282,7 @@ mod tests {
         let at = |secs: u64, millis: u64| {
             UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis)
         };
-        // The same second twice (cached), the next one, back again, and before the epoch.
+        // Whole seconds: the milliseconds are dropped, not rounded.
         for (t, expected) in [
             (at(784_111_777, 0), "Sun, 06 Nov 1994 08:49:37 GMT"),
             (at(784_111_777, 999), "Sun, 06 Nov 1994 08:49:37 GMT"),
