@@ -5,23 +5,28 @@
 //! (header size and header read timeout, so a slow or oversized client costs nothing), and the
 //! graceful drain on shutdown. It knows nothing about metadata.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt as _;
+use futures::task::AtomicWaker;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Connection behaviour.
@@ -123,7 +128,7 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>, IpAddr) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
+    let drain = Arc::new(Drain::default());
     let local = listener.local_addr().ok();
     loop {
         let (stream, peer) = tokio::select! {
@@ -153,7 +158,7 @@ pub async fn serve<H, F>(
             .timer(TokioTimer::new())
             .header_read_timeout(options.header_read_timeout)
             .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let conn = drain.clone().watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
@@ -161,7 +166,7 @@ pub async fn serve<H, F>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(options.drain_timeout, graceful.shutdown())
+    if tokio::time::timeout(options.drain_timeout, drain.shutdown())
         .await
         .is_err()
     {
@@ -169,9 +174,164 @@ pub async fn serve<H, F>(
     }
 }
 
+/// The open connections, to be told to finish at shutdown.
+///
+/// A connection reads one atomic flag each time it is polled, and leaves its waker for shutdown
+/// to wake. (hyper-util's `GracefulShutdown` polls a `watch` channel instead, which takes the
+/// channel's lock at every poll: on a kept-alive connection, at every request.)
+#[derive(Default)]
+struct Drain {
+    closing: AtomicBool,
+    /// Each open connection's waker, by connection number.
+    open: Mutex<HashMap<u64, Arc<AtomicWaker>>>,
+    next: AtomicU64,
+    /// Told when the last open connection ends.
+    drained: Notify,
+}
+
+impl Drain {
+    fn open(&self) -> MutexGuard<'_, HashMap<u64, Arc<AtomicWaker>>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `conn`, shut down gracefully (the request in flight answered, then closed) once
+    /// [`Drain::shutdown`] is called.
+    async fn watch<C: GracefulConnection>(self: Arc<Self>, conn: C) -> C::Output {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let waker = Arc::new(AtomicWaker::new());
+        self.open().insert(id, waker.clone());
+        let _open = OpenConnection { drain: &self, id };
+        let mut conn = pin!(conn);
+        let mut told = false;
+        poll_fn(|cx| {
+            if !told {
+                // The waker first, then the flag: shutdown sets the flag, then wakes; whichever
+                // comes first, this connection sees the flag now or is woken to see it.
+                waker.register(cx.waker());
+                if self.closing.load(Ordering::SeqCst) {
+                    conn.as_mut().graceful_shutdown();
+                    told = true;
+                }
+            }
+            conn.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Tells every open connection to finish, and waits until all have.
+    async fn shutdown(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        for waker in self.open().values() {
+            waker.wake();
+        }
+        loop {
+            let mut drained = pin!(self.drained.notified());
+            drained.as_mut().enable();
+            if self.open().is_empty() {
+                return;
+            }
+            drained.await;
+        }
+    }
+}
+
+/// Takes a connection off the open list when it ends, however it ends.
+struct OpenConnection<'a> {
+    drain: &'a Drain,
+    id: u64,
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        let mut open = self.drain.open();
+        open.remove(&self.id);
+        if open.is_empty() {
+            self.drain.drained.notify_waiters();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
     use super::*;
+
+    /// Serves a handler that answers after `delay` on a kept-alive loopback listener; returns its
+    /// address, the shutdown token, and the serving task.
+    async fn start(
+        delay: Duration,
+    ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let handler = Arc::new(move |_req: Request<Incoming>, _caller: IpAddr| async move {
+            tokio::time::sleep(delay).await;
+            Response::new(Full::new(Bytes::from_static(b"done")))
+        });
+        let options = ServerOptions {
+            keep_alive: true,
+            drain_timeout: Duration::from_secs(10),
+            ..ServerOptions::default()
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, handler, options, shutdown.clone()));
+        (addr, shutdown, task)
+    }
+
+    const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    #[tokio::test]
+    async fn shutdown_closes_idle_kept_alive_connections_at_once() {
+        let (addr, shutdown, task) = start(Duration::ZERO).await;
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            c.write_all(REQUEST).await.expect("write");
+            let mut buf = [0u8; 256];
+            let n = c.read(&mut buf).await.expect("read");
+            assert!(
+                buf[..n].ends_with(b"done"),
+                "{:?}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+            idle.push(c);
+        }
+        let started = Instant::now();
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("drained well before the 10 s drain timeout")
+            .expect("serve");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        for mut c in idle {
+            let mut buf = [0u8; 16];
+            assert_eq!(
+                c.read(&mut buf).await.expect("read"),
+                0,
+                "closed by the server"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_answers_the_request_in_flight_then_closes() {
+        let (addr, shutdown, task) = start(Duration::from_millis(300)).await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        c.write_all(REQUEST).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shutdown.cancel();
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).await.expect("read to the close");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.ends_with("done"), "{answer}");
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("drained")
+            .expect("serve");
+    }
 
     #[tokio::test]
     async fn an_address_not_on_this_host_says_how_to_add_it() {

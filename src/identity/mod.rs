@@ -300,20 +300,13 @@ impl Identity {
     /// The workload calling from `ip`. Waits (bounded) only for an address that may belong to a
     /// container the index has not heard of yet.
     pub async fn resolve(&self, ip: IpAddr) -> Arc<Workload> {
+        if let Some(workload) = self.resolve_now(ip) {
+            return workload;
+        }
         let ip = ip.to_canonical();
         let Some(index) = &self.index else {
             return self.memoised(ip, None);
         };
-        // Loopback traffic never comes from a container's network namespace.
-        if ip.is_loopback() {
-            return self.memoised(ip, None);
-        }
-        // The fast path: a synced index that knows the caller.
-        if index.is_ready()
-            && let Some(c) = index.lookup(ip)
-        {
-            return self.memoised(ip, Some(c));
-        }
         // Boxed: only callers the index does not know yet wait, and the wait's timer kept inline
         // would enlarge every request's future.
         match Box::pin(index.lookup_or_wait(ip, self.rules.unknown_caller_wait)).await {
@@ -339,6 +332,25 @@ impl Identity {
                 access_log: RepeatFilter::default(),
             }),
         }
+    }
+
+    /// [`Identity::resolve`] when it needs no waiting: always without a Docker index, for
+    /// loopback, and for a caller a synced index knows; `None` otherwise.
+    pub fn resolve_now(&self, ip: IpAddr) -> Option<Arc<Workload>> {
+        let ip = ip.to_canonical();
+        let Some(index) = &self.index else {
+            return Some(self.memoised(ip, None));
+        };
+        // Loopback traffic never comes from a container's network namespace.
+        if ip.is_loopback() {
+            return Some(self.memoised(ip, None));
+        }
+        if index.is_ready()
+            && let Some(c) = index.lookup(ip)
+        {
+            return Some(self.memoised(ip, Some(c)));
+        }
+        None
     }
 
     /// The workload of a container, without waiting: for prefetching when it starts.

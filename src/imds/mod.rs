@@ -14,6 +14,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -21,8 +22,8 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 
 use crate::clock::{SharedClock, format_iso8601};
-use crate::credentials::SourceError;
 use crate::credentials::broker::{Broker, Document, FetchError, Lookup, Served};
+use crate::credentials::{AssumeRequest, SourceError};
 use crate::identity::{Assignment, Identity, Refusal, RoleState, Workload};
 use crate::logging::{ACCESS_TARGET, AccessLine};
 use crate::metrics::{Metrics, Route};
@@ -114,20 +115,41 @@ impl<'a> Seen<'a> {
     }
 }
 
-/// An answer, or the rest of the work to await. Boxed, because a cached request never needs it:
-/// kept inline, the waits would make every request's future larger, and hyper moves it around.
-enum Step<'a> {
-    Ready(Outcome),
-    Later(Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>),
+/// The answer to one request, as hyper awaits it: at hand (a cached request: no state machine,
+/// and nothing larger than the response to move), or the rest of the work, boxed.
+pub enum Handled {
+    Ready(std::future::Ready<Response<Body>>),
+    Later(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
 }
 
-impl From<Outcome> for Step<'_> {
+impl Future for Handled {
+    type Output = Response<Body>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
+        match self.get_mut() {
+            Handled::Ready(response) => Pin::new(response).poll(cx),
+            Handled::Later(rest) => rest.as_mut().poll(cx),
+        }
+    }
+}
+
+/// The work left to finish a request once the caller is known.
+type Wait = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// An outcome now, or one to wait for (credentials being fetched, or the upstream in proxy
+/// mode). The waits own what they use, so a request that needs one hands it on whole.
+enum Step {
+    Ready(Outcome),
+    Wait(Wait),
+}
+
+impl From<Outcome> for Step {
     fn from(outcome: Outcome) -> Self {
         Step::Ready(outcome)
     }
 }
 
-impl From<Response<Body>> for Step<'_> {
+impl From<Response<Body>> for Step {
     fn from(response: Response<Body>) -> Self {
         Step::Ready(response.into())
     }
@@ -147,6 +169,25 @@ impl From<Response<Body>> for Outcome {
             workload: None,
         }
     }
+}
+
+/// A request answered before its caller is looked up: refused, or `OPTIONS`.
+#[derive(Debug, Clone)]
+enum Early {
+    Error(StatusCode),
+    /// The methods the path allows, for `OPTIONS`.
+    Options(HeaderValue),
+    /// 405, with the methods the path allows.
+    NotAllowed(HeaderValue),
+}
+
+/// What a request asks for, once the checks that need no caller have passed.
+#[derive(Debug, Clone, Copy)]
+enum Wanted {
+    /// A new IMDSv2 token with this TTL.
+    Token(u32),
+    /// A metadata read (GET or HEAD).
+    Metadata,
 }
 
 const IAM_PREFIX: &str = "meta-data/iam";
@@ -183,18 +224,87 @@ impl Imds {
         self
     }
 
-    /// Answers one request from `caller`. It takes the service by `Arc` so that the future it
-    /// returns can be handed to hyper as it is, without a wrapper future holding a second copy
-    /// of the request.
-    pub async fn handle<B>(self: Arc<Self>, request: Request<B>, caller: IpAddr) -> Response<Body> {
+    /// Answers one request from `caller`. A known caller's request is answered before this
+    /// returns when nothing has to be waited for (cached credentials); only the rest builds a
+    /// future.
+    pub fn handle<B: Send + 'static>(
+        self: Arc<Self>,
+        request: Request<B>,
+        caller: IpAddr,
+    ) -> Handled {
         let started = std::time::Instant::now();
         let path = path::parse(request.uri().path());
         let seen = Seen::scan(request.headers());
-        let outcome = self.route(&request, &seen, caller, &path).await;
+        let wanted = match self.check(&request, &seen, &path) {
+            Ok(wanted) => wanted,
+            Err(early) => {
+                let r = &self.responder;
+                let response = match early {
+                    Early::Error(status) => r.error(status),
+                    Early::Options(allow) => r.options(allow),
+                    Early::NotAllowed(allow) => r.method_not_allowed(allow),
+                };
+                let response =
+                    self.finish(&request, &seen, &path, caller, started, response.into());
+                return Handled::Ready(std::future::ready(response));
+            }
+        };
+        let step = match self.identity.resolve_now(caller) {
+            Some(workload) => self.route(&request, &seen, &path, wanted, workload),
+            // A caller the Docker index does not know yet: wait for it, then as above.
+            None => Step::Wait(Box::pin({
+                let this = self.clone();
+                let (method, uri) = (request.method().clone(), request.uri().clone());
+                let (token, forwarded) = (seen.token.cloned(), seen.forwarded);
+                async move {
+                    let workload = this.identity.resolve(caller).await;
+                    let path = path::parse(uri.path());
+                    let seen = Seen {
+                        token: token.as_ref(),
+                        forwarded,
+                        agent: None,
+                    };
+                    let forward = Forward {
+                        method: &method,
+                        path_and_query: uri
+                            .path_and_query()
+                            .map_or_else(|| uri.path(), |pq| pq.as_str()),
+                    };
+                    match this.route_parts(forward, &seen, &path, wanted, workload) {
+                        Step::Ready(outcome) => outcome,
+                        Step::Wait(rest) => rest.await,
+                    }
+                }
+            })),
+        };
+        match step {
+            Step::Ready(outcome) => {
+                let response = self.finish(&request, &seen, &path, caller, started, outcome);
+                Handled::Ready(std::future::ready(response))
+            }
+            Step::Wait(rest) => Handled::Later(Box::pin(async move {
+                let outcome = rest.await;
+                let path = path::parse(request.uri().path());
+                let seen = Seen::scan(request.headers());
+                self.finish(&request, &seen, &path, caller, started, outcome)
+            })),
+        }
+    }
+
+    /// Records a request's outcome (metrics, the access line) and returns its response.
+    fn finish<B>(
+        &self,
+        request: &Request<B>,
+        seen: &Seen<'_>,
+        path: &Result<MetadataPath<'_>, PathError>,
+        caller: IpAddr,
+        started: std::time::Instant,
+        outcome: Outcome,
+    ) -> Response<Body> {
         let status = outcome.response.status();
         let elapsed = started.elapsed();
         self.metrics
-            .request(route_of(&path), status.as_u16(), elapsed);
+            .request(route_of(path), status.as_u16(), elapsed);
         if self.access_log {
             let workload = outcome.workload.as_deref();
             let line = AccessLine {
@@ -233,19 +343,19 @@ impl Imds {
         outcome.response
     }
 
-    async fn route<B>(
+    /// The checks that need no caller: the service turned off, a bad path, a method the path
+    /// does not take, a bad token request. What the request wants, or the refusal.
+    fn check<B>(
         &self,
         req: &Request<B>,
         seen: &Seen<'_>,
-        caller: IpAddr,
         path: &Result<MetadataPath<'_>, PathError>,
-    ) -> Outcome {
-        let r = &self.responder;
+    ) -> Result<Wanted, Early> {
         if !self.options.endpoint_enabled {
-            return r.error(StatusCode::FORBIDDEN).into();
+            return Err(Early::Error(StatusCode::FORBIDDEN));
         }
         let Ok(path) = path else {
-            return r.error(StatusCode::BAD_REQUEST).into();
+            return Err(Early::Error(StatusCode::BAD_REQUEST));
         };
         let token_path = match path {
             MetadataPath::Versioned { latest, rest } if rest == "api/token" => Some(*latest),
@@ -256,20 +366,74 @@ impl Imds {
         };
         if let Some(latest) = token_path {
             return match *req.method() {
-                Method::PUT if latest => self.issue_token(req, caller).await.into(),
+                Method::PUT if latest => self.check_token_request(req, seen).map(Wanted::Token),
                 // EC2 refuses versioned token paths outright, and says this is intended.
-                Method::PUT => r.error(StatusCode::FORBIDDEN).into(),
-                Method::OPTIONS => r.options(ALLOW_TOKEN).into(),
-                _ => r.method_not_allowed(ALLOW_TOKEN).into(),
+                Method::PUT => Err(Early::Error(StatusCode::FORBIDDEN)),
+                Method::OPTIONS => Err(Early::Options(ALLOW_TOKEN)),
+                _ => Err(Early::NotAllowed(ALLOW_TOKEN)),
             };
         }
         match *req.method() {
-            Method::GET | Method::HEAD => {}
-            Method::OPTIONS => return r.options(ALLOW_METADATA).into(),
-            _ => return r.method_not_allowed(ALLOW_METADATA).into(),
+            Method::GET | Method::HEAD => Ok(Wanted::Metadata),
+            Method::OPTIONS => Err(Early::Options(ALLOW_METADATA)),
+            _ => Err(Early::NotAllowed(ALLOW_METADATA)),
         }
+    }
 
-        let workload = self.identity.resolve(caller).await;
+    /// A token PUT's TTL, or its refusal.
+    fn check_token_request<B>(&self, req: &Request<B>, seen: &Seen<'_>) -> Result<u32, Early> {
+        let headers = req.headers();
+        if self.options.reject_forwarded && seen.forwarded {
+            return Err(Early::Error(StatusCode::FORBIDDEN));
+        }
+        if self.options.strict_expect && headers.contains_key(header::EXPECT) {
+            return Err(Early::Error(StatusCode::EXPECTATION_FAILED));
+        }
+        headers
+            .get(TOKEN_TTL_HEADER)
+            .and_then(|v| token::parse_ttl(v.as_bytes()))
+            .ok_or(Early::Error(StatusCode::BAD_REQUEST))
+    }
+
+    fn route<B>(
+        self: &Arc<Self>,
+        req: &Request<B>,
+        seen: &Seen<'_>,
+        path: &Result<MetadataPath<'_>, PathError>,
+        wanted: Wanted,
+        workload: Arc<Workload>,
+    ) -> Step {
+        let forward = Forward {
+            method: req.method(),
+            path_and_query: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().path(), |pq| pq.as_str()),
+        };
+        self.route_parts(forward, seen, path, wanted, workload)
+    }
+
+    /// What `workload` gets for a request that passed [`Imds::check`].
+    fn route_parts(
+        self: &Arc<Self>,
+        forward: Forward<'_>,
+        seen: &Seen<'_>,
+        path: &Result<MetadataPath<'_>, PathError>,
+        wanted: Wanted,
+        workload: Arc<Workload>,
+    ) -> Step {
+        let r = &self.responder;
+        if let Wanted::Token(ttl) = wanted {
+            return Outcome {
+                response: self.issue_token(&workload, ttl),
+                workload: Some(workload),
+            }
+            .into();
+        }
+        let Ok(path) = path else {
+            // `check` let only good paths through.
+            return r.error(StatusCode::BAD_REQUEST).into();
+        };
         // Refusals carry the caller too: the access line then names the container, and a caller
         // repeating a refused request (an expired token in a loop) is kept to a few lines.
         let refuse = |status| Outcome {
@@ -281,7 +445,7 @@ impl Imds {
         let token_ttl = match seen.token {
             Some(token) => {
                 if self.options.reject_forwarded && seen.forwarded {
-                    return refuse(StatusCode::FORBIDDEN);
+                    return refuse(StatusCode::FORBIDDEN).into();
                 }
                 match self.tokens.verify_with(
                     &workload.last_token,
@@ -289,57 +453,44 @@ impl Imds {
                     workload.binding.as_bytes(),
                     now,
                 ) {
-                    Ok(left) => Some(left),
+                    Ok(left) => Some(left.as_secs()),
                     Err(e) => {
                         self.metrics.token_rejected();
-                        tracing::debug!(caller = %caller, reason = %e, "refused an IMDSv2 token");
-                        return refuse(StatusCode::UNAUTHORIZED);
+                        tracing::debug!(caller = %workload.ip, reason = %e, "refused an IMDSv2 token");
+                        return refuse(StatusCode::UNAUTHORIZED).into();
                     }
                 }
             }
             None if self.options.http_tokens == HttpTokens::Required => {
-                return refuse(StatusCode::UNAUTHORIZED);
+                return refuse(StatusCode::UNAUTHORIZED).into();
             }
             None => None,
         };
-
-        let forward = Forward {
-            method: req.method(),
-            path_and_query: req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| req.uri().path(), |pq| pq.as_str()),
-        };
-        let mut outcome = match self.serve(path, &workload, &forward, now) {
-            Step::Ready(outcome) => outcome,
-            Step::Later(rest) => rest.await,
-        };
-        outcome.workload = Some(workload);
-        if let Some(left) = token_ttl {
+        // EC2 tells a caller with a token how long it has left.
+        let with_ttl = move |mut outcome: Outcome| {
+            if let Some(left) = token_ttl {
+                outcome
+                    .response
+                    .headers_mut()
+                    .insert(TOKEN_TTL_HEADER, HeaderValue::from(left));
+            }
             outcome
-                .response
-                .headers_mut()
-                .insert(TOKEN_TTL_HEADER, HeaderValue::from(left.as_secs()));
+        };
+        match self.serve(path, &workload, &forward, now) {
+            Step::Ready(mut outcome) => {
+                outcome.workload = Some(workload);
+                with_ttl(outcome).into()
+            }
+            Step::Wait(rest) => Step::Wait(Box::pin(async move {
+                let mut outcome = rest.await;
+                outcome.workload = Some(workload);
+                with_ttl(outcome)
+            })),
         }
-        outcome
     }
 
-    async fn issue_token<B>(&self, req: &Request<B>, caller: IpAddr) -> Response<Body> {
+    fn issue_token(&self, workload: &Workload, ttl: u32) -> Response<Body> {
         let r = &self.responder;
-        let headers = req.headers();
-        if self.options.reject_forwarded && headers.contains_key(FORWARDED_FOR) {
-            return r.error(StatusCode::FORBIDDEN);
-        }
-        if self.options.strict_expect && headers.contains_key(header::EXPECT) {
-            return r.error(StatusCode::EXPECTATION_FAILED);
-        }
-        let Some(ttl) = headers
-            .get(TOKEN_TTL_HEADER)
-            .and_then(|v| token::parse_ttl(v.as_bytes()))
-        else {
-            return r.error(StatusCode::BAD_REQUEST);
-        };
-        let workload = self.identity.resolve(caller).await;
         match self.tokens.issue(
             workload.binding.as_bytes(),
             ttl,
@@ -359,13 +510,13 @@ impl Imds {
     /// The answer to a metadata read, now when everything it needs is at hand (a cached request
     /// never suspends), else the work left to await: a credential fetch, or the upstream in
     /// proxy mode.
-    fn serve<'a>(
-        &'a self,
-        path: &'a MetadataPath<'_>,
-        workload: &'a Workload,
-        request: &'a Forward<'_>,
+    fn serve(
+        self: &Arc<Self>,
+        path: &MetadataPath<'_>,
+        workload: &Workload,
+        request: &Forward<'_>,
         now: SystemTime,
-    ) -> Step<'a> {
+    ) -> Step {
         let r = &self.responder;
         let rest = match path {
             MetadataPath::Root if self.upstream.is_some() => "",
@@ -384,8 +535,17 @@ impl Imds {
             && !(rest.starts_with(IAM_PREFIX)
                 && (rest.len() == IAM_PREFIX.len() || rest[IAM_PREFIX.len()..].starts_with('/')))
         {
-            return Step::Later(Box::pin(async move {
-                self.serve_upstream(upstream, path, rest, with_iam, request)
+            let (this, upstream) = (self.clone(), upstream.clone());
+            let versioned = matches!(path, MetadataPath::Versioned { .. });
+            let rest = rest.to_owned();
+            let (method, path_and_query) =
+                (request.method.clone(), request.path_and_query.to_owned());
+            return Step::Wait(Box::pin(async move {
+                let request = Forward {
+                    method: &method,
+                    path_and_query: &path_and_query,
+                };
+                this.serve_upstream(&upstream, versioned, &rest, with_iam, &request)
                     .await
                     .into()
             }));
@@ -415,7 +575,7 @@ impl Imds {
     async fn serve_upstream(
         &self,
         upstream: &Upstream,
-        path: &MetadataPath<'_>,
+        versioned: bool,
         rest: &str,
         with_iam: bool,
         request: &Forward<'_>,
@@ -424,7 +584,7 @@ impl Imds {
         let mut response = self.forward(upstream, request).await;
         let listing_base = match rest {
             "meta-data" => Some("/latest/meta-data/"),
-            "" if matches!(path, MetadataPath::Versioned { .. }) => Some("/latest/"),
+            "" if versioned => Some("/latest/"),
             _ => None,
         };
         if let Some(base) = listing_base
@@ -482,7 +642,7 @@ impl Imds {
     }
 
     /// `meta-data/iam/…`: present only for callers with a role.
-    fn serve_iam<'a>(&'a self, sub: &str, workload: &'a Workload, now: SystemTime) -> Step<'a> {
+    fn serve_iam(self: &Arc<Self>, sub: &str, workload: &Workload, now: SystemTime) -> Step {
         let r = &self.responder;
         let assignment = match &workload.role {
             RoleState::Assigned(a) => a,
@@ -554,23 +714,28 @@ impl Imds {
         }
     }
 
-    fn serve_credentials<'a>(&'a self, assignment: &'a Assignment, now: SystemTime) -> Step<'a> {
+    fn serve_credentials(self: &Arc<Self>, assignment: &Assignment, now: SystemTime) -> Step {
         match self
             .broker
             .get_now(&assignment.cache, &assignment.request, now)
         {
-            Lookup::Ready(answer) => self.credentials_response(assignment, answer).into(),
-            Lookup::Wait(fetch) => Step::Later(Box::pin(async move {
-                let answer = fetch.wait().await;
-                self.credentials_response(assignment, answer).into()
-            })),
+            Lookup::Ready(answer) => self
+                .credentials_response(&assignment.request, answer)
+                .into(),
+            Lookup::Wait(fetch) => {
+                let (this, request) = (self.clone(), assignment.request.clone());
+                Step::Wait(Box::pin(async move {
+                    let answer = fetch.wait().await;
+                    this.credentials_response(&request, answer).into()
+                }))
+            }
         }
     }
 
     /// The credentials document, EC2's error document for a role that cannot be assumed, or 503.
     fn credentials_response(
         &self,
-        assignment: &Assignment,
+        request: &AssumeRequest,
         answer: Result<Arc<Served>, FetchError>,
     ) -> Response<Body> {
         let r = &self.responder;
@@ -599,7 +764,7 @@ impl Imds {
                 error: SourceError::Unavailable(message),
                 ..
             }) => {
-                tracing::warn!(role = %assignment.request.role_arn, error = %message, "answering 503: no credentials to serve");
+                tracing::warn!(role = %request.role_arn, error = %message, "answering 503: no credentials to serve");
                 r.error(StatusCode::SERVICE_UNAVAILABLE)
             }
         }
