@@ -20,8 +20,8 @@ use crate::credentials::observed::ObservedSource;
 use crate::credentials::sts::{StsSetupError, StsSource};
 use crate::docker::{DockerStats, Watcher};
 use crate::ecs::{AuthTokens, Ecs};
-use crate::identity::Identity;
 use crate::identity::role::AccountContext;
+use crate::identity::{ConnectionCaller, Identity};
 use crate::imds::Imds;
 use crate::imds::token::Tokens;
 use crate::imds::tree::Tree;
@@ -288,9 +288,12 @@ impl App {
         if let (Some(listener), Some(addr)) = (self.admin_listener, self.admin_addr) {
             tracing::info!(addr = %addr, "serving admin API");
             let admin = self.admin.clone();
-            let handler = Arc::new(move |req, _caller| {
+            let handler = Arc::new(move |_caller| {
                 let admin = admin.clone();
-                async move { admin.handle(req).await }
+                move |req| {
+                    let admin = admin.clone();
+                    async move { admin.handle(req).await }
+                }
             });
             tasks.spawn(server::serve(
                 listener,
@@ -304,9 +307,12 @@ impl App {
                 tracing::info!(addr = %addr, "serving container credentials");
             }
             let ecs = self.ecs.clone();
-            let handler = Arc::new(move |req, caller| {
+            let handler = Arc::new(move |caller| {
                 let ecs = ecs.clone();
-                async move { ecs.handle(req, caller).await }
+                move |req| {
+                    let ecs = ecs.clone();
+                    async move { ecs.handle(req, caller).await }
+                }
             });
             tasks.spawn(server::serve(
                 listener,
@@ -318,7 +324,12 @@ impl App {
         for (listener, addr) in self.listeners.into_iter().zip(self.local_addrs.iter()) {
             tracing::info!(addr = %addr, "serving instance metadata");
             let imds = self.imds.clone();
-            let handler = Arc::new(move |req, caller| imds.clone().handle(req, caller));
+            let handler = Arc::new(move |caller| {
+                let imds = imds.clone();
+                // Who the caller is, kept for the connection's next request.
+                let known = ConnectionCaller::default();
+                move |req| imds.clone().handle(req, caller, &known)
+            });
             tasks.spawn(server::serve(
                 listener,
                 handler,

@@ -1,5 +1,5 @@
-//! Listening sockets and HTTP/1.1 connections (hyper), for any handler of the form
-//! `(request, caller IP) → response`.
+//! Listening sockets and HTTP/1.1 connections (hyper), for any handler made per connection from
+//! the caller's IP, of the form `request → response`.
 //!
 //! It owns binding (with errors that say how to fix them), the accept loop, per-connection limits
 //! (header size and header read timeout, so a slow or oversized client costs nothing), and the
@@ -118,14 +118,16 @@ fn explain_bind_error(addr: SocketAddr, e: &io::Error) -> BindError {
 }
 
 /// Serves `listener` until `shutdown` fires, then drains open connections for up to
-/// `options.drain_timeout`.
-pub async fn serve<H, F>(
+/// `options.drain_timeout`. `connect` makes each connection's handler from the caller's address:
+/// whatever it keeps lives as long as the connection (its requests come one after another).
+pub async fn serve<C, H, F>(
     listener: TcpListener,
-    handler: Arc<H>,
+    connect: Arc<C>,
     options: ServerOptions,
     shutdown: CancellationToken,
 ) where
-    H: Fn(Request<Incoming>, IpAddr) -> F + Send + Sync + 'static,
+    C: Fn(IpAddr) -> H + Send + Sync + 'static,
+    H: Fn(Request<Incoming>) -> F + Send + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let drain = Arc::new(Drain::default());
@@ -145,12 +147,11 @@ pub async fn serve<H, F>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let caller = peer.ip().to_canonical();
-        let handler = handler.clone();
+        let handler = connect(peer.ip().to_canonical());
         // `map`, not an `async` block around the handler's future: the block would keep the
         // future twice (as its capture and as the awaited value), and hyper moves it around.
         let service =
-            service_fn(move |req: Request<Incoming>| handler(req, caller).map(Ok::<_, Infallible>));
+            service_fn(move |req: Request<Incoming>| handler(req).map(Ok::<_, Infallible>));
         let conn = http1::Builder::new()
             .keep_alive(options.keep_alive)
             .title_case_headers(true)
@@ -266,9 +267,11 @@ mod tests {
     ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let handler = Arc::new(move |_req: Request<Incoming>, _caller: IpAddr| async move {
-            tokio::time::sleep(delay).await;
-            Response::new(Full::new(Bytes::from_static(b"done")))
+        let handler = Arc::new(move |_caller: IpAddr| {
+            move |_req: Request<Incoming>| async move {
+                tokio::time::sleep(delay).await;
+                Response::new(Full::new(Bytes::from_static(b"done")))
+            }
         });
         let options = ServerOptions {
             keep_alive: true,

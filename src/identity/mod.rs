@@ -19,6 +19,7 @@ pub mod container;
 pub mod mapping;
 pub mod role;
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
@@ -231,6 +232,13 @@ pub struct Identity {
     memo: RwLock<foldhash::HashMap<IpAddr, Arc<Workload>>>,
 }
 
+/// Who one connection's caller was found to be, with the Docker index generation it was found
+/// at: a kept-alive connection (an SDK refreshing, a busy client) then skips the lookup. A
+/// connection's address cannot change, and whatever changes who is behind an address (a container
+/// starting, stopping or restarting) changes the index and so its generation.
+#[derive(Default)]
+pub struct ConnectionCaller(Cell<Option<(u64, Arc<Workload>)>>);
+
 /// Remembered addresses before the memo starts over; bounds memory under address scans.
 const MEMO_LIMIT: usize = 65_536;
 
@@ -332,6 +340,28 @@ impl Identity {
                 access_log: RepeatFilter::default(),
             }),
         }
+    }
+
+    /// [`Identity::resolve_now`] for a request on `connection`: the workload found for an
+    /// earlier request on it while the Docker index has not changed since, else looked up (and
+    /// kept for the next request when found without waiting).
+    pub fn resolve_now_on(
+        &self,
+        ip: IpAddr,
+        connection: &ConnectionCaller,
+    ) -> Option<Arc<Workload>> {
+        // Read before the lookup: a change racing with it leaves an older generation beside the
+        // answer, so the next request looks again.
+        let generation = self.index.as_ref().map_or(0, Index::generation);
+        if let Some((seen, workload)) = connection.0.take()
+            && seen == generation
+        {
+            connection.0.set(Some((seen, workload.clone())));
+            return Some(workload);
+        }
+        let workload = self.resolve_now(ip)?;
+        connection.0.set(Some((generation, workload.clone())));
+        Some(workload)
     }
 
     /// [`Identity::resolve`] when it needs no waiting: always without a Docker index, for
@@ -686,6 +716,47 @@ mod tests {
                 .session_name,
             "imdsd-172.18.0.1"
         );
+    }
+
+    #[test]
+    fn a_connection_keeps_its_caller_until_the_index_changes() {
+        let (id, mut w) = with_index(None, ContainerRules::default());
+        let ip: IpAddr = "172.18.0.2".parse().expect("ip");
+        let connection = ConnectionCaller::default();
+        let role = |w: &Workload| w.role.assignment().map(|a| a.role_name().to_string());
+        // Not in the index yet: nothing now, and nothing kept.
+        assert!(id.resolve_now_on(ip, &connection).is_none());
+        w.apply(crate::index::Change::Upsert(ctr(
+            "a",
+            "172.18.0.2",
+            &[("IAM_ROLE", "app-a")],
+            &[],
+        )));
+        let first = id.resolve_now_on(ip, &connection).expect("known");
+        assert_eq!(role(&first).as_deref(), Some("app-a"));
+        // The same workload for the connection's next request, without looking it up: the
+        // memo is emptied here, so only the connection can have kept it.
+        id.memo.write().expect("memo").clear();
+        let again = id.resolve_now_on(ip, &connection).expect("kept");
+        assert!(Arc::ptr_eq(&first, &again));
+        // Another container on the address (a restart with another role): the index changed,
+        // so the connection looks again.
+        w.apply(crate::index::Change::Remove {
+            id: format!("{:0<64}", "a"),
+        });
+        w.apply(crate::index::Change::Upsert(ctr(
+            "b",
+            "172.18.0.2",
+            &[("IAM_ROLE", "app-b")],
+            &[],
+        )));
+        let after = id.resolve_now_on(ip, &connection).expect("known");
+        assert_eq!(role(&after).as_deref(), Some("app-b"));
+        // Gone: not served from what the connection kept.
+        w.apply(crate::index::Change::Remove {
+            id: format!("{:0<64}", "b"),
+        });
+        assert!(id.resolve_now_on(ip, &connection).is_none());
     }
 
     #[tokio::test]

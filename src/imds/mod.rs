@@ -24,7 +24,7 @@ use http::{Method, Request, Response, StatusCode};
 use crate::clock::{SharedClock, format_iso8601};
 use crate::credentials::broker::{Broker, Document, FetchError, Lookup, Served};
 use crate::credentials::{AssumeRequest, SourceError};
-use crate::identity::{Assignment, Identity, Refusal, RoleState, Workload};
+use crate::identity::{Assignment, ConnectionCaller, Identity, Refusal, RoleState, Workload};
 use crate::logging::{ACCESS_TARGET, AccessLine};
 use crate::metrics::{Metrics, Route};
 use crate::proxy::{Upstream, UpstreamError};
@@ -231,6 +231,7 @@ impl Imds {
         self: Arc<Self>,
         request: Request<B>,
         caller: IpAddr,
+        connection: &ConnectionCaller,
     ) -> Handled {
         let started = std::time::Instant::now();
         let path = path::parse(request.uri().path());
@@ -249,7 +250,7 @@ impl Imds {
                 return Handled::Ready(std::future::ready(response));
             }
         };
-        let step = match self.identity.resolve_now(caller) {
+        let step = match self.identity.resolve_now_on(caller, connection) {
             Some(workload) => self.route(&request, &seen, &path, wanted, workload),
             // A caller the Docker index does not know yet: wait for it, then as above.
             None => Step::Wait(Box::pin({

@@ -141,9 +141,12 @@ impl ScriptedSts {
         let assume_calls = Arc::new(AtomicUsize::new(0));
         let shutdown = CancellationToken::new();
         let (s, c) = (script.clone(), assume_calls.clone());
-        let handler = Arc::new(move |req: Request<Incoming>, _caller: IpAddr| {
+        let handler = Arc::new(move |_caller: IpAddr| {
             let (s, c) = (s.clone(), c.clone());
-            async move { answer(req, s, c).await }
+            move |req: Request<Incoming>| {
+                let (s, c) = (s.clone(), c.clone());
+                async move { answer(req, s, c).await }
+            }
         });
         tokio::spawn(imdsd::server::serve(
             listener,
