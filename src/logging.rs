@@ -49,8 +49,8 @@ struct Run {
     key: Vec<u8>,
     /// …and where each ends in `key`.
     ends: [usize; 4],
-    /// When the current one-second window for `key` began.
-    window: Option<Instant>,
+    /// When the current one-second window for `key` ends.
+    window_end: Option<Instant>,
     /// Lines written for `key` in the window.
     written: u32,
     /// Requests not written since the caller's last written line.
@@ -102,14 +102,12 @@ impl RepeatFilter {
         let parts = [method, path, status, agent];
         let mut run = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let same = run.is(&parts);
-        let in_window = run
-            .window
-            .is_some_and(|start| now.saturating_duration_since(start) < Duration::from_secs(1));
+        let in_window = run.window_end.is_some_and(|end| now < end);
         if !same {
             run.remember(&parts);
         }
         if !same || !in_window {
-            run.window = Some(now);
+            run.window_end = now.checked_add(Duration::from_secs(1));
             run.written = 0;
         }
         if run.written < burst {

@@ -656,6 +656,10 @@ impl Imds {
                 return self.serve_refusal(sub, workload, refusal).into();
             }
         };
+        // The credentials first: nearly every request is for them.
+        if sub.strip_prefix("security-credentials/") == Some(assignment.role_name()) {
+            return self.serve_credentials(assignment, now);
+        }
         let response = match sub.split_once('/') {
             None if sub.is_empty() => r.ok(
                 Bytes::from_static(b"info\nsecurity-credentials/"),
@@ -668,9 +672,6 @@ impl Imds {
                 ContentType::Text,
                 None,
             ),
-            Some(("security-credentials", name)) if name == assignment.role_name() => {
-                return self.serve_credentials(assignment, now);
-            }
             _ => r.error(StatusCode::NOT_FOUND),
         };
         response.into()
