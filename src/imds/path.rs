@@ -89,7 +89,7 @@ fn parse_canonical(raw: &str) -> Option<MetadataPath<'_>> {
     // Non-short-circuit `|` and `&`: no branch per byte, so the loop vectorises.
     let odd = |(&a, &b): (&u8, &u8)| {
         u8::from(
-            (b < b' ') | (b > b'~') | (b == b'%') | ((a == b'/') & ((b == b'/') | (b == b'.'))),
+            !(b' '..=b'~').contains(&b) | (b == b'%') | ((a == b'/') & ((b == b'/') | (b == b'.'))),
         )
     };
     if bytes
