@@ -250,35 +250,20 @@ impl Imds {
                 return Handled::Ready(std::future::ready(response));
             }
         };
-        let step = match self.identity.resolve_now_on(caller, connection) {
-            Some(workload) => self.route(&request, &seen, &path, wanted, workload),
-            // A caller the Docker index does not know yet: wait for it, then as above.
-            None => Step::Wait(Box::pin({
-                let this = self.clone();
-                let (method, uri) = (request.method().clone(), request.uri().clone());
-                let (token, forwarded) = (seen.token.cloned(), seen.forwarded);
-                async move {
-                    let workload = this.identity.resolve(caller).await;
-                    let path = path::parse(uri.path());
-                    let seen = Seen {
-                        token: token.as_ref(),
-                        forwarded,
-                        agent: None,
-                    };
-                    let forward = Forward {
-                        method: &method,
-                        path_and_query: uri
-                            .path_and_query()
-                            .map_or_else(|| uri.path(), |pq| pq.as_str()),
-                    };
-                    match this.route_parts(forward, &seen, &path, wanted, workload) {
-                        Step::Ready(outcome) => outcome,
-                        Step::Wait(rest) => rest.await,
-                    }
-                }
-            })),
+        let Some(workload) = self.identity.resolve_now_on(caller, connection) else {
+            // A caller the Docker index does not know yet: wait for it, then as below.
+            return Handled::Later(Box::pin(async move {
+                let workload = self.identity.resolve(caller).await;
+                let path = path::parse(request.uri().path());
+                let seen = Seen::scan(request.headers());
+                let outcome = match self.route(&request, &seen, &path, wanted, workload) {
+                    Step::Ready(outcome) => outcome,
+                    Step::Wait(rest) => rest.await,
+                };
+                self.finish(&request, &seen, &path, caller, started, outcome)
+            }));
         };
-        match step {
+        match self.route(&request, &seen, &path, wanted, workload) {
             Step::Ready(outcome) => {
                 let response = self.finish(&request, &seen, &path, caller, started, outcome);
                 Handled::Ready(std::future::ready(response))
@@ -396,28 +381,10 @@ impl Imds {
             .ok_or(Early::Error(StatusCode::BAD_REQUEST))
     }
 
+    /// What `workload` gets for a request that passed [`Imds::check`].
     fn route<B>(
         self: &Arc<Self>,
         req: &Request<B>,
-        seen: &Seen<'_>,
-        path: &Result<MetadataPath<'_>, PathError>,
-        wanted: Wanted,
-        workload: Arc<Workload>,
-    ) -> Step {
-        let forward = Forward {
-            method: req.method(),
-            path_and_query: req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| req.uri().path(), |pq| pq.as_str()),
-        };
-        self.route_parts(forward, seen, path, wanted, workload)
-    }
-
-    /// What `workload` gets for a request that passed [`Imds::check`].
-    fn route_parts(
-        self: &Arc<Self>,
-        forward: Forward<'_>,
         seen: &Seen<'_>,
         path: &Result<MetadataPath<'_>, PathError>,
         wanted: Wanted,
@@ -476,6 +443,13 @@ impl Imds {
                     .insert(TOKEN_TTL_HEADER, HeaderValue::from(left));
             }
             outcome
+        };
+        let forward = Forward {
+            method: req.method(),
+            path_and_query: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().path(), |pq| pq.as_str()),
         };
         match self.serve(path, &workload, &forward, now) {
             Step::Ready(mut outcome) => {
