@@ -183,7 +183,7 @@ impl App {
             identity: identity.clone(),
             broker: broker.clone(),
             auth: config.ecs_auth.then(|| ecs_tokens.clone()),
-            access_log_burst: config.imds.access_log_burst,
+            access_log_limits: config.imds.access_log_limits.clone(),
         });
         let admin = Arc::new(Admin {
             registry: crate::metrics::registry(

@@ -235,8 +235,8 @@ pub struct Cli {
     pub log_level: Option<String>,
 
     /// Identical access lines (same method, path, status, user agent) written per caller and
-    /// second; the rest are counted and reported on the caller's next line. 0 writes every
-    /// request. [default: 10]
+    /// second, and ten times as many from all callers together; the rest are counted and
+    /// reported on the caller's next line. 0 writes every request. [default: 10]
     #[arg(
         help_heading = "Operation",
         long,
@@ -1340,7 +1340,9 @@ fn resolve(
             endpoint_enabled,
             reject_forwarded,
             strict_expect,
-            access_log_burst,
+            access_log_limits: std::sync::Arc::new(crate::logging::RepeatLimits::new(
+                access_log_burst,
+            )),
             connection: if keep_alive {
                 Connection::KeepAlive
             } else {

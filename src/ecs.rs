@@ -23,7 +23,7 @@ use crate::clock::format_iso8601;
 use crate::credentials::SourceError;
 use crate::credentials::broker::{Broker, FetchError};
 use crate::identity::{Identity, RoleState, Workload};
-use crate::logging::{ACCESS_TARGET, AccessLine};
+use crate::logging::{ACCESS_TARGET, AccessLine, RepeatLimits};
 
 /// Paths served: `/v2/credentials` (ECS style) and `/v1/credentials` (EKS Pod Identity style),
 /// and anything below them (`/v2/credentials/<id>`); the query string is ignored.
@@ -80,8 +80,9 @@ pub struct Ecs {
     pub broker: Broker,
     /// `Some` when `Authorization` is required.
     pub auth: Option<AuthTokens>,
-    /// Identical access lines written per caller and second (see `crate::logging::RepeatFilter`).
-    pub access_log_burst: u32,
+    /// Which identical access lines are written (see `crate::logging::RepeatFilter`); the
+    /// metadata listener's own.
+    pub access_log_limits: Arc<RepeatLimits>,
 }
 
 fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -122,7 +123,7 @@ impl Ecs {
             };
             if let Some(suppressed) = line.admit(
                 workload.map(|w| &w.access_log),
-                self.access_log_burst,
+                &self.access_log_limits,
                 started.into_std(),
             ) {
                 let container = workload.and_then(|w| w.container.as_deref());

@@ -15,6 +15,7 @@ use std::cell::Cell;
 use std::fmt::{self, Write as _};
 use std::io::IsTerminal as _;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
@@ -39,7 +40,7 @@ pub const DEFAULT_ACCESS_LOG_BURST: u32 = 10;
 /// warnings included, and at tens of thousands of requests a second the lines would cost more than
 /// the answers. Requests left out are still answered and counted in the metrics; the caller's next
 /// written line says how many (`suppressed=N`). Any line that differs from the caller's previous
-/// one is always written.
+/// one is always written. Many callers in a loop at once share one more limit, [`RepeatLimits`].
 #[derive(Debug, Default)]
 pub struct RepeatFilter(Mutex<Run>);
 
@@ -87,16 +88,67 @@ pub enum Verdict {
     Skip,
 }
 
+/// How many identical access lines are written: `burst` a second per caller ([`RepeatFilter`]),
+/// and `10 × burst` a second from all callers together. A per-caller limit alone lets a hundred
+/// containers in a loop write a thousand lines a second, which trips journald's limit just the
+/// same; lines that differ from their caller's last one are not counted against either limit.
+#[derive(Debug)]
+pub struct RepeatLimits {
+    burst: u32,
+    total: u32,
+    /// Seconds are counted from here…
+    since: Instant,
+    /// …and this is the second `used` counts in.
+    second: AtomicU64,
+    used: AtomicU32,
+}
+
+impl RepeatLimits {
+    /// `burst` identical lines a second per caller; 0 writes every line.
+    pub fn new(burst: u32) -> Self {
+        Self {
+            burst,
+            total: burst.saturating_mul(10),
+            since: Instant::now(),
+            second: AtomicU64::new(0),
+            used: AtomicU32::new(0),
+        }
+    }
+
+    /// Takes one of this second's repeated lines for all callers, if one is left. Lock-free: only
+    /// repeats a caller's own burst lets through come here, a few per caller and second.
+    fn take(&self, now: Instant) -> bool {
+        let second = now.saturating_duration_since(self.since).as_secs();
+        let current = self.second.load(Ordering::Relaxed);
+        // Requests stamped just before a new second began may arrive after it: they count in it.
+        if second > current
+            && self
+                .second
+                .compare_exchange(current, second, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.used.store(0, Ordering::Relaxed);
+        }
+        self.used.fetch_add(1, Ordering::Relaxed) < self.total
+    }
+}
+
+impl Default for RepeatLimits {
+    fn default() -> Self {
+        Self::new(DEFAULT_ACCESS_LOG_BURST)
+    }
+}
+
 impl RepeatFilter {
-    /// Whether to write the line for (`method`, `path`, `status`, `agent`) at `now`, at most
-    /// `burst` identical ones a second (0: every line).
+    /// Whether to write the line for (`method`, `path`, `status`, `agent`) at `now`, within
+    /// `limits`.
     pub fn check(
         &self,
-        burst: u32,
+        limits: &RepeatLimits,
         [method, path, status, agent]: [&str; 4],
         now: Instant,
     ) -> Verdict {
-        if burst == 0 {
+        if limits.burst == 0 {
             return Verdict::Write { suppressed: 0 };
         }
         let parts = [method, path, status, agent];
@@ -110,7 +162,7 @@ impl RepeatFilter {
             run.window_end = now.checked_add(Duration::from_secs(1));
             run.written = 0;
         }
-        if run.written < burst {
+        if run.written < limits.burst && (!same || limits.take(now)) {
             run.written += 1;
             Verdict::Write {
                 suppressed: std::mem::take(&mut run.suppressed),
@@ -138,7 +190,7 @@ impl AccessLine<'_> {
     pub fn admit(
         &self,
         filter: Option<&RepeatFilter>,
-        burst: u32,
+        limits: &RepeatLimits,
         now: Instant,
     ) -> Option<Option<u64>> {
         let Some(filter) = filter else {
@@ -150,7 +202,7 @@ impl AccessLine<'_> {
             self.status.as_str(),
             self.agent,
         ];
-        match filter.check(burst, parts, now) {
+        match filter.check(limits, parts, now) {
             Verdict::Skip => None,
             Verdict::Write { suppressed } => Some((suppressed > 0).then_some(suppressed)),
         }
@@ -670,6 +722,7 @@ mod tests {
     #[test]
     fn identical_lines_beyond_the_burst_are_counted_not_written() {
         let filter = RepeatFilter::default();
+        let three = RepeatLimits::new(3);
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let creds = [
@@ -681,10 +734,10 @@ mod tests {
         let write = |suppressed| Verdict::Write { suppressed };
         // Three a second: the fourth and fifth identical ones are left out.
         for ms in [0, 1, 2] {
-            assert_eq!(filter.check(3, creds, at(ms)), write(0));
+            assert_eq!(filter.check(&three, creds, at(ms)), write(0));
         }
-        assert_eq!(filter.check(3, creds, at(3)), Verdict::Skip);
-        assert_eq!(filter.check(3, creds, at(4)), Verdict::Skip);
+        assert_eq!(filter.check(&three, creds, at(3)), Verdict::Skip);
+        assert_eq!(filter.check(&three, creds, at(4)), Verdict::Skip);
         // A different line (another status, path, method or agent) is always written, and
         // reports what was left out before it.
         let denied = [
@@ -693,7 +746,7 @@ mod tests {
             "401",
             "sdk",
         ];
-        assert_eq!(filter.check(3, denied, at(5)), write(2));
+        assert_eq!(filter.check(&three, denied, at(5)), write(2));
         for other in [
             ["HEAD", creds[1], "200", "sdk"],
             [
@@ -712,17 +765,53 @@ mod tests {
             ],
             creds,
         ] {
-            assert_eq!(filter.check(3, other, at(6)), write(0), "{other:?}");
+            assert_eq!(filter.check(&three, other, at(6)), write(0), "{other:?}");
         }
-        assert_eq!(filter.check(3, creds, at(7)), write(0));
-        assert_eq!(filter.check(3, creds, at(8)), write(0));
-        assert_eq!(filter.check(3, creds, at(9)), Verdict::Skip);
+        assert_eq!(filter.check(&three, creds, at(7)), write(0));
+        assert_eq!(filter.check(&three, creds, at(8)), write(0));
+        assert_eq!(filter.check(&three, creds, at(9)), Verdict::Skip);
         // A second after the window began, the burst is available again.
-        assert_eq!(filter.check(3, creds, at(1_006)), write(1));
+        assert_eq!(filter.check(&three, creds, at(1_006)), write(1));
         // 0 writes everything.
+        let all = RepeatLimits::new(0);
         for ms in 0..10 {
-            assert_eq!(filter.check(0, creds, at(2_000 + ms)), write(0));
+            assert_eq!(filter.check(&all, creds, at(2_000 + ms)), write(0));
         }
+    }
+
+    #[test]
+    fn callers_in_a_loop_share_ten_times_the_burst() {
+        let limits = RepeatLimits::new(2);
+        let t0 = limits.since;
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let creds = [
+            "GET",
+            "/latest/meta-data/iam/security-credentials/app",
+            "200",
+            "sdk",
+        ];
+        let callers: Vec<RepeatFilter> = (0..30).map(|_| RepeatFilter::default()).collect();
+        let write = |suppressed| Verdict::Write { suppressed };
+        // Each caller's first line differs from its (absent) last one: all 30 are written, and
+        // none is taken from the shared 20.
+        for filter in &callers {
+            assert_eq!(filter.check(&limits, creds, at(0)), write(0));
+        }
+        // Their repeats: 20 (10 × 2) of them from all callers together in this second, not 30.
+        let written = callers
+            .iter()
+            .filter(|f| f.check(&limits, creds, at(10)) != Verdict::Skip)
+            .count();
+        assert_eq!(written, 20);
+        // The ten left out have no room left this second either…
+        for filter in &callers[20..] {
+            assert_eq!(filter.check(&limits, creds, at(20)), Verdict::Skip);
+        }
+        // …but a caller whose line differs from its last one is written all the same.
+        let denied = ["GET", creds[1], "401", "sdk"];
+        assert_eq!(callers[29].check(&limits, denied, at(30)), write(2));
+        // The next second has room again, and the line reports what was left out.
+        assert_eq!(callers[25].check(&limits, creds, at(1_100)), write(2));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::clock::{SharedClock, format_iso8601};
 use crate::credentials::broker::{Broker, Document, FetchError, Lookup, Served};
 use crate::credentials::{AssumeRequest, SourceError};
 use crate::identity::{Assignment, ConnectionCaller, Identity, Refusal, RoleState, Workload};
-use crate::logging::{ACCESS_TARGET, AccessLine};
+use crate::logging::{ACCESS_TARGET, AccessLine, RepeatLimits};
 use crate::metrics::{Metrics, Route};
 use crate::proxy::{Upstream, UpstreamError};
 use path::{MetadataPath, PathError};
@@ -53,8 +53,9 @@ pub struct ImdsOptions {
     pub reject_forwarded: bool,
     /// Answer a token PUT carrying `Expect: 100-continue` with 417, as EC2 does.
     pub strict_expect: bool,
-    /// Identical access lines written per caller and second (see [`RepeatFilter`]); 0: all.
-    pub access_log_burst: u32,
+    /// Which identical access lines are written (see [`crate::logging::RepeatFilter`]); shared with the other
+    /// listeners, since they write to the same log.
+    pub access_log_limits: Arc<RepeatLimits>,
     pub connection: response::Connection,
 }
 
@@ -65,7 +66,7 @@ impl Default for ImdsOptions {
             endpoint_enabled: true,
             reject_forwarded: true,
             strict_expect: false,
-            access_log_burst: crate::logging::DEFAULT_ACCESS_LOG_BURST,
+            access_log_limits: Arc::default(),
             connection: response::Connection::Close,
         }
     }
@@ -301,7 +302,7 @@ impl Imds {
             };
             if let Some(suppressed) = line.admit(
                 workload.map(|w| &w.access_log),
-                self.options.access_log_burst,
+                &self.options.access_log_limits,
                 started,
             ) {
                 let container = workload.and_then(|w| w.container.as_deref());
