@@ -21,8 +21,8 @@
 //! plus resident memory (idle, and with 10,000 synthetic containers indexed through the index's
 //! writer: `--docker-host synthetic:10000`) and the time from start to ready.
 //!
-//! Options (after `cargo bench --bench imds --`): `--rounds N` (5), `--seconds S` (5 measured,
-//! after 1 of warm-up), `--connections N` (16), `--client-threads N` (1), `--no-pin`,
+//! Options (after `cargo bench --bench imds --`): `--rounds N` (12), `--seconds S` (2 measured,
+//! after half a second of warm-up), `--cold-rounds N` (5), `--connections N` (16), `--client-threads N` (1), `--no-pin`,
 //! `--only a,b,c,d,mem,start`, `--out FILE` (rewrite the generated part of a Markdown file),
 //! `--quick` (1 round of 2 s).
 
@@ -50,6 +50,8 @@ struct Settings {
     rounds: usize,
     measure: Duration,
     warmup: Duration,
+    /// Rounds of (d), each a fresh daemon against moto.
+    cold_rounds: usize,
     connections: usize,
     client_threads: usize,
     callers: usize,
@@ -66,9 +68,13 @@ struct Settings {
 impl Settings {
     fn parse(args: &[String]) -> Settings {
         let mut s = Settings {
-            rounds: 5,
-            measure: Duration::from_secs(5),
-            warmup: Duration::from_secs(1),
+            // Many short rounds rather than a few long ones: each round's ratio compares two
+            // runs seconds apart, and this host's speed drifts by tens of percent within a
+            // minute, so the median of more, closer pairs says more than that of fewer.
+            rounds: 12,
+            measure: Duration::from_secs(2),
+            warmup: Duration::from_millis(500),
+            cold_rounds: 5,
             connections: 16,
             client_threads: 1,
             callers: 1000,
@@ -86,6 +92,7 @@ impl Settings {
             let mut value = || it.next().cloned().unwrap_or_default();
             match arg.as_str() {
                 "--rounds" => s.rounds = value().parse().expect("--rounds N"),
+                "--cold-rounds" => s.cold_rounds = value().parse().expect("--cold-rounds N"),
                 "--seconds" => {
                     s.measure = Duration::from_secs_f64(value().parse().expect("--seconds S"))
                 }
@@ -98,6 +105,7 @@ impl Settings {
                 "--no-pin" => s.pin = false,
                 "--quick" => {
                     s.rounds = 1;
+                    s.cold_rounds = 1;
                     s.measure = Duration::from_secs(2);
                     s.starts = 3;
                 }
@@ -739,7 +747,7 @@ fn cold_scenario(rt: &tokio::runtime::Runtime, s: &Settings) -> Vec<cold::ColdRe
         python.display()
     );
     let moto = procs::Moto::start(&python);
-    (0..s.rounds)
+    (0..s.cold_rounds)
         .map(|round| {
             let r = cold::run(rt, &moto, round, s.cold_roles, s.cold_per_role);
             eprintln!(
@@ -924,10 +932,11 @@ impl Report {
         let _ = writeln!(out, "## Machine\n\n{machine}");
         let _ = writeln!(
             out,
-            "Settings: {} rounds per scenario, {} s measured after {} s of warm-up per run, {} \
-             connections (workers) per run, a load driver with {} runtime thread(s); {}. The \
-             whole run took {:.0} s.\n",
+            "Settings: {} rounds per load scenario ({} for (d)), {} s measured after {} s of \
+             warm-up per run, {} connections (workers) per run, a load driver with {} runtime \
+             thread(s); {}. The whole run took {:.0} s.\n",
             s.rounds,
+            s.cold_rounds,
             s.measure.as_secs_f64(),
             s.warmup.as_secs_f64(),
             s.connections,
