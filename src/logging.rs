@@ -719,18 +719,21 @@ mod tests {
         );
     }
 
+    /// An SDK's credentials GET, as the repeat filter sees it.
+    const CREDS_LINE: [&str; 4] = [
+        "GET",
+        "/latest/meta-data/iam/security-credentials/app",
+        "200",
+        "sdk",
+    ];
+
     #[test]
     fn identical_lines_beyond_the_burst_are_counted_not_written() {
         let filter = RepeatFilter::default();
         let three = RepeatLimits::new(3);
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let creds = [
-            "GET",
-            "/latest/meta-data/iam/security-credentials/app",
-            "200",
-            "sdk",
-        ];
+        let creds = CREDS_LINE;
         let write = |suppressed| Verdict::Write { suppressed };
         // Three a second: the fourth and fifth identical ones are left out.
         for ms in [0, 1, 2] {
@@ -784,12 +787,7 @@ mod tests {
         let limits = RepeatLimits::new(2);
         let t0 = limits.since;
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let creds = [
-            "GET",
-            "/latest/meta-data/iam/security-credentials/app",
-            "200",
-            "sdk",
-        ];
+        let creds = CREDS_LINE;
         let callers: Vec<RepeatFilter> = (0..30).map(|_| RepeatFilter::default()).collect();
         let write = |suppressed| Verdict::Write { suppressed };
         // Each caller's first line differs from its (absent) last one: all 30 are written, and
