@@ -53,8 +53,8 @@ pub struct ImdsOptions {
     pub reject_forwarded: bool,
     /// Answer a token PUT carrying `Expect: 100-continue` with 417, as EC2 does.
     pub strict_expect: bool,
-    /// Which identical access lines are written (see [`crate::logging::RepeatFilter`]); shared with the other
-    /// listeners, since they write to the same log.
+    /// Which identical access lines are written (see [`crate::logging::RepeatFilter`]); shared
+    /// with the other listeners, since they write to the same log.
     pub access_log_limits: Arc<RepeatLimits>,
     pub connection: response::Connection,
 }
