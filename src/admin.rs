@@ -156,7 +156,7 @@ impl Admin {
                 });
                 match &workload.role {
                     RoleState::Assigned(a) => {
-                        let r = &a.request;
+                        let r = a.request();
                         entry["role"] = json!(r.role_arn.as_str());
                         entry["origin"] = json!(a.origin.to_string());
                         entry["session_name"] = json!(r.session_name);

@@ -135,7 +135,7 @@ impl Ecs {
                     caller = %caller,
                     container = container.map(|c| c.name.as_str()),
                     container_id = container.map(|c| c.short_id()),
-                    role = workload.and_then(|w| w.role.assignment()).map(|a| a.request.role_arn.as_str()),
+                    role = workload.and_then(|w| w.role.assignment()).map(|a| a.request().role_arn.as_str()),
                     status = line.status.as_u16(),
                     micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
                     agent = line.agent,
@@ -218,12 +218,12 @@ impl Ecs {
         };
         match self
             .broker
-            .get_via(&assignment.cache, &assignment.request, self.broker.now())
+            .get_via(&assignment.cache, self.broker.now())
             .await
         {
             Ok(served) => {
                 let c = &served.credentials;
-                let arn = &assignment.request.role_arn;
+                let arn = &assignment.request().role_arn;
                 let body = serde_json::json!({
                     "AccessKeyId": c.access_key_id,
                     "SecretAccessKey": c.secret_access_key.expose(),
@@ -242,13 +242,13 @@ impl Ecs {
                 error: SourceError::Unavailable(message),
                 ..
             }) => {
-                tracing::warn!(role = %assignment.request.role_arn, error = %message, "answering 503: no credentials to serve");
+                tracing::warn!(role = %assignment.request().role_arn, error = %message, "answering 503: no credentials to serve");
                 error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "ServiceUnavailable",
                     &format!(
                         "credentials for {} are not available right now; retry",
-                        assignment.request.role_arn
+                        assignment.request().role_arn
                     ),
                 )
             }

@@ -66,8 +66,8 @@ fn lease_for(identity: &Identity, broker: &Broker, c: &Arc<Container>) -> Option
     let workload = identity.container_workload(c)?;
     match &workload.role {
         RoleState::Assigned(a) => {
-            tracing::debug!(container = %c.name, role = %a.request.role_arn, origin = %a.origin, "prefetching credentials");
-            Some(broker.retain(&a.request))
+            tracing::debug!(container = %c.name, role = %a.request().role_arn, origin = %a.origin, "prefetching credentials");
+            Some(broker.retain(a.request()))
         }
         RoleState::Refused(r) => {
             tracing::warn!(container = %c.name, container_id = %c.short_id(), code = r.code, reason = %r.message, "container asks for a role it may not have");

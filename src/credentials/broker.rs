@@ -207,29 +207,39 @@ impl Waiting {
     }
 }
 
-/// A caller's shortcut to the cache entry of one key, for [`Broker::get_via`].
+/// One key, and a shortcut to its cache entry, for [`Broker::get_now`] and [`Broker::get_via`].
 ///
-/// Whoever asks for the same key on every request (the identity's memoised assignment) keeps one
-/// next to the key: the entry is then read through it instead of hashing the whole
-/// [`AssumeRequest`] into the map shared by every thread. The handle remembers the key it was
-/// filled for (by pointer) and is used only for that key, and only while the entry is still in
-/// the map; an entry that is evicted or dropped for idleness is marked retired, and the next
-/// lookup goes through the map (making a new entry) and re-points the handle.
-#[derive(Default)]
-pub struct EntryHandle(ArcSwapOption<Bound>);
-
-struct Bound {
+/// Whoever asks for the same key on every request (the identity's memoised assignment) keeps its
+/// key in one of these: the entry is then read through the handle instead of hashing the whole
+/// [`AssumeRequest`] into the map shared by every thread, and without a second allocation between
+/// the two. The handle owns its key and is filled only from the map's entry for that key, so it
+/// cannot answer for any other. An entry that is evicted or dropped for idleness is marked
+/// retired, and the next lookup goes through the map (making a new entry) and re-points the handle.
+pub struct EntryHandle {
     key: Arc<AssumeRequest>,
-    entry: Arc<Entry>,
+    entry: ArcSwapOption<Entry>,
+}
+
+impl EntryHandle {
+    pub fn new(key: Arc<AssumeRequest>) -> Self {
+        EntryHandle {
+            key,
+            entry: ArcSwapOption::empty(),
+        }
+    }
+
+    /// The key this handle is for.
+    pub fn key(&self) -> &Arc<AssumeRequest> {
+        &self.key
+    }
 }
 
 impl std::fmt::Debug for EntryHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.load().is_some() {
-            "EntryHandle(bound)"
-        } else {
-            "EntryHandle(empty)"
-        })
+        f.debug_struct("EntryHandle")
+            .field("role", &self.key.role_arn.as_str())
+            .field("bound", &self.entry.load().is_some())
+            .finish()
     }
 }
 
@@ -339,16 +349,15 @@ impl Broker {
         self.inner.clock.now()
     }
 
-    /// [`Broker::get`], finding the entry through `handle` when it is bound to this very `key`
-    /// (the same allocation) and its entry is still cached; else through the map, re-binding it.
-    /// `now` is [`Broker::now`], read by the caller (who needs the time for other checks too).
+    /// [`Broker::get`] for `handle`'s key, finding the entry through the handle while it is still
+    /// cached; else through the map, re-binding the handle. `now` is [`Broker::now`], read by the
+    /// caller (who needs the time for other checks too).
     pub async fn get_via(
         &self,
         handle: &EntryHandle,
-        key: &Arc<AssumeRequest>,
         now: SystemTime,
     ) -> Result<Arc<Served>, FetchError> {
-        match self.get_now(handle, key, now) {
+        match self.get_now(handle, now) {
             Lookup::Ready(answer) => answer,
             Lookup::Wait(fetch) => fetch.wait().await,
         }
@@ -356,35 +365,26 @@ impl Broker {
 
     /// [`Broker::get_via`] without waiting: the answer when there is one now (the cached-request
     /// path needs no future at all), else the fetch to wait for.
-    pub fn get_now(
-        &self,
-        handle: &EntryHandle,
-        key: &Arc<AssumeRequest>,
-        now: SystemTime,
-    ) -> Lookup {
-        match self.ready(&self.bound_entry(handle, key), now) {
+    pub fn get_now(&self, handle: &EntryHandle, now: SystemTime) -> Lookup {
+        match self.ready(&self.bound_entry(handle), now) {
             Ok(answer) => Lookup::Ready(answer),
             Err(fetch) => Lookup::Wait(Waiting {
                 broker: self.clone(),
                 fetch,
-                key: key.clone(),
+                key: handle.key.clone(),
             }),
         }
     }
 
-    /// `handle`'s entry if it is bound to `key` and still cached; else the map's, bound to it.
-    fn bound_entry(&self, handle: &EntryHandle, key: &Arc<AssumeRequest>) -> Arc<Entry> {
-        if let Some(b) = handle.0.load().as_deref()
-            && Arc::ptr_eq(&b.key, key)
-            && !b.entry.retired.load(Ordering::Acquire)
+    /// `handle`'s entry while it is still cached; else the map's, bound to the handle.
+    fn bound_entry(&self, handle: &EntryHandle) -> Arc<Entry> {
+        if let Some(entry) = handle.entry.load().as_ref()
+            && !entry.retired.load(Ordering::Acquire)
         {
-            return b.entry.clone();
+            return entry.clone();
         }
-        let entry = self.inner.entry(key);
-        handle.0.store(Some(Arc::new(Bound {
-            key: key.clone(),
-            entry: entry.clone(),
-        })));
+        let entry = self.inner.entry(&handle.key);
+        handle.entry.store(Some(entry.clone()));
         entry
     }
 
@@ -1141,7 +1141,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_handle_finds_its_own_key_and_lets_go_of_entries_that_leave_the_cache() {
+    async fn a_handle_finds_its_key_without_the_map_and_lets_go_of_entries_that_leave_the_cache() {
         let clock: SharedClock = Arc::new(TokioClock::starting_at(SystemTime::UNIX_EPOCH));
         let source = Scripted::new(clock.clone(), Duration::from_secs(3600));
         let broker = Broker::new(
@@ -1153,42 +1153,31 @@ mod tests {
             },
         );
         let mine = key("mine");
-        let handle = EntryHandle::default();
-        let first = broker
-            .get_via(&handle, &mine, broker.now())
-            .await
-            .expect("ok");
-        let again = broker
-            .get_via(&handle, &mine, broker.now())
-            .await
-            .expect("ok");
+        let handle = EntryHandle::new(mine.clone());
+        let first = broker.get_via(&handle, broker.now()).await.expect("ok");
+        let again = broker.get_via(&handle, broker.now()).await.expect("ok");
         assert!(Arc::ptr_eq(&first, &again));
         assert_eq!(source.calls(), 1);
         assert_eq!(broker.stats().hits, 1);
 
-        // The same handle asked for another key (another allocation, even if equal) goes
-        // through the map: it never answers for a key it was not filled for.
+        // A handle for another key gets that key's credentials; one for an equal key (another
+        // allocation) shares the entry, and so the credentials, without another fetch.
         let other = key("other");
         let theirs = broker
-            .get_via(&handle, &other, broker.now())
+            .get_via(&EntryHandle::new(other.clone()), broker.now())
             .await
             .expect("ok");
         assert_ne!(
             theirs.credentials.access_key_id,
             first.credentials.access_key_id
         );
-        let equal = key("mine");
-        let through_map = broker
-            .get_via(&handle, &equal, broker.now())
+        let equal = broker
+            .get_via(&EntryHandle::new(key("mine")), broker.now())
             .await
             .expect("ok");
-        assert!(Arc::ptr_eq(&through_map, &first));
+        assert!(Arc::ptr_eq(&equal, &first));
         assert_eq!(source.calls(), 2);
-        broker
-            .get_via(&handle, &mine, broker.now())
-            .await
-            .expect("ok");
-        assert_eq!(format!("{handle:?}"), "EntryHandle(bound)");
+        assert!(format!("{handle:?}").contains("bound: true"), "{handle:?}");
 
         // Two more keys push "mine" out of the cache (it is the least recently used): the handle
         // must not keep serving the retired entry, but make and use the map's new one.
@@ -1197,10 +1186,7 @@ mod tests {
         tokio::time::advance(Duration::from_millis(10)).await;
         broker.get(&key("third")).await.expect("ok");
         assert!(broker.peek(&mine).is_none(), "evicted");
-        let after = broker
-            .get_via(&handle, &mine, broker.now())
-            .await
-            .expect("ok");
+        let after = broker.get_via(&handle, broker.now()).await.expect("ok");
         assert_eq!(source.calls(), 4, "fetched again after eviction");
         assert_ne!(
             after.credentials.access_key_id,
@@ -1210,10 +1196,7 @@ mod tests {
             &broker.peek(&mine).expect("cached again"),
             &after
         ));
-        let cached = broker
-            .get_via(&handle, &mine, broker.now())
-            .await
-            .expect("ok");
+        let cached = broker.get_via(&handle, broker.now()).await.expect("ok");
         assert!(Arc::ptr_eq(&cached, &after));
         assert_eq!(source.calls(), 4);
     }

@@ -26,7 +26,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::credentials::AssumeRequest;
 use crate::credentials::broker::EntryHandle;
-use crate::imds::token::LastToken;
+use crate::imds::token::Binding;
 use crate::index::{Container, Index, Lookup};
 use crate::logging::RepeatFilter;
 use container::{ContainerRules, Decision};
@@ -37,14 +37,13 @@ use role::{AccountContext, RoleArn, RoleSpec, sanitise_session_name};
 #[derive(Debug)]
 pub struct Workload {
     pub ip: IpAddr,
-    /// What IMDSv2 tokens are bound to: a token is valid only for the workload it was issued to.
-    pub binding: String,
+    /// What IMDSv2 tokens are bound to, with the last token this workload presented that
+    /// checked out (the memo keeps a workload for as long as its caller is the same, and SDKs
+    /// reuse a token for hours).
+    pub binding: Binding,
     /// The container calling, if the caller is one the index knows.
     pub container: Option<Arc<Container>>,
     pub role: RoleState,
-    /// The last IMDSv2 token this workload presented that checked out (the memo keeps a
-    /// workload for as long as its caller is the same, and SDKs reuse a token for hours).
-    pub last_token: LastToken,
     /// Keeps this workload's identical access lines to a few a second.
     pub access_log: RepeatFilter,
 }
@@ -67,9 +66,8 @@ impl RoleState {
     fn granted(granted: Option<(AssumeRequest, RoleOrigin)>) -> Self {
         match granted {
             Some((request, origin)) => RoleState::Assigned(Arc::new(Assignment {
-                request: Arc::new(request),
                 origin,
-                cache: EntryHandle::default(),
+                cache: EntryHandle::new(Arc::new(request)),
             })),
             None => RoleState::None,
         }
@@ -103,17 +101,22 @@ impl RoleState {
 /// A role granted to a workload, and why.
 #[derive(Debug)]
 pub struct Assignment {
-    pub request: Arc<AssumeRequest>,
     pub origin: RoleOrigin,
-    /// Where `request`'s credentials are cached, once asked for: the memo keeps this assignment
-    /// for as long as the caller is the same, so the credentials are found without a map lookup.
+    /// The role request, and where its credentials are cached once asked for: the memo keeps
+    /// this assignment for as long as the caller is the same, so the credentials are found
+    /// without a map lookup.
     pub cache: EntryHandle,
 }
 
 impl Assignment {
+    /// What is asked of STS for this workload.
+    pub fn request(&self) -> &Arc<AssumeRequest> {
+        self.cache.key()
+    }
+
     /// The name listed under `iam/security-credentials/`.
     pub fn role_name(&self) -> &str {
-        self.request.role_arn.name()
+        self.request().role_arn.name()
     }
 }
 
@@ -324,19 +327,17 @@ impl Identity {
                 tracing::debug!(caller = %ip, "no running container has this address: no role");
                 Arc::new(Workload {
                     ip,
-                    binding: format!("unknown:{ip}"),
+                    binding: Binding::new(format!("unknown:{ip}")),
                     container: None,
                     role: RoleState::None,
-                    last_token: LastToken::default(),
                     access_log: RepeatFilter::default(),
                 })
             }
             Lookup::NotSynced => Arc::new(Workload {
                 ip,
-                binding: format!("pending:{ip}"),
+                binding: Binding::new(format!("pending:{ip}")),
                 container: None,
                 role: RoleState::Pending,
-                last_token: LastToken::default(),
                 access_log: RepeatFilter::default(),
             }),
         }
@@ -434,7 +435,7 @@ impl Identity {
                 self.resolve_static(ip)
                     .role
                     .assignment()
-                    .map(|a| a.request.clone())
+                    .map(|a| a.request().clone())
             })
             .collect()
     }
@@ -478,10 +479,9 @@ impl Identity {
     fn resolve_static(&self, ip: IpAddr) -> Workload {
         Workload {
             ip,
-            binding: format!("ip:{ip}"),
+            binding: Binding::new(format!("ip:{ip}")),
             container: None,
             role: RoleState::granted(self.fallback(ip, None)),
-            last_token: LastToken::default(),
             access_log: RepeatFilter::default(),
         }
     }
@@ -489,10 +489,9 @@ impl Identity {
     fn resolve_container(&self, ip: IpAddr, c: Arc<Container>) -> Workload {
         Workload {
             ip,
-            binding: c.binding(),
+            binding: Binding::new(c.binding()),
             role: self.container_role(ip, &c),
             container: Some(c),
-            last_token: LastToken::default(),
             access_log: RepeatFilter::default(),
         }
     }
@@ -585,17 +584,17 @@ mod tests {
         let w = id.resolve("10.0.0.5".parse().expect("ip")).await;
         let a = w.role.assignment().expect("role");
         assert_eq!(a.role_name(), "mapped");
-        assert_eq!(a.request.external_id.as_deref(), Some("ext-1"));
-        assert_eq!(a.request.session_name, "given");
+        assert_eq!(a.request().external_id.as_deref(), Some("ext-1"));
+        assert_eq!(a.request().session_name, "given");
         assert_eq!(a.origin, RoleOrigin::MappingFile("10.0.0.5".into()));
 
         let w = id.resolve("10.0.0.6".parse().expect("ip")).await;
         let a = w.role.assignment().expect("role");
         assert_eq!(
-            a.request.role_arn.as_str(),
+            a.request().role_arn.as_str(),
             "arn:aws:iam::123456789012:role/fallback"
         );
-        assert_eq!(a.request.session_name, "imdsd-10.0.0.6");
+        assert_eq!(a.request().session_name, "imdsd-10.0.0.6");
         assert_eq!(a.origin, RoleOrigin::DefaultRole);
 
         let none = identity(None, "{}");
@@ -613,7 +612,7 @@ mod tests {
         let id = identity(None, r#"{"10.0.0.5": "mapped"}"#);
         let w = id.resolve("::ffff:10.0.0.5".parse().expect("ip")).await;
         assert!(w.role.assignment().is_some());
-        assert_eq!(w.binding, "ip:10.0.0.5");
+        assert_eq!(w.binding.as_str(), "ip:10.0.0.5");
     }
 
     #[test]
@@ -693,14 +692,17 @@ mod tests {
         let a = id.resolve("172.18.0.2".parse().expect("ip")).await;
         let assigned = a.role.assignment().expect("role");
         assert_eq!(assigned.role_name(), "app-a");
-        assert_eq!(assigned.request.session_name, "name-a");
-        assert_eq!(assigned.request.external_id.as_deref(), Some("x-1"));
-        assert!(a.binding.starts_with("ctr:a"));
+        assert_eq!(assigned.request().session_name, "name-a");
+        assert_eq!(assigned.request().external_id.as_deref(), Some("x-1"));
+        assert!(a.binding.as_str().starts_with("ctr:a"));
         // No role of its own: the default role, under its own session name.
         let b = id.resolve("172.18.0.3".parse().expect("ip")).await;
         let assigned = b.role.assignment().expect("default");
         assert_eq!(
-            (assigned.role_name(), assigned.request.session_name.as_str()),
+            (
+                assigned.role_name(),
+                assigned.request().session_name.as_str()
+            ),
             ("fallback", "name-b")
         );
         // An address in a container network that no container owns: nothing, never the default.
@@ -712,7 +714,7 @@ mod tests {
             host.role
                 .assignment()
                 .expect("default")
-                .request
+                .request()
                 .session_name,
             "imdsd-172.18.0.1"
         );
@@ -779,7 +781,7 @@ mod tests {
             &[],
         )));
         let second = id.resolve("172.18.0.2".parse().expect("ip")).await;
-        assert_ne!(first.binding, second.binding);
+        assert_ne!(first.binding.as_str(), second.binding.as_str());
         assert_eq!(
             second.role.assignment().expect("role").role_name(),
             "role-b"

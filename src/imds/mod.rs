@@ -307,7 +307,7 @@ impl Imds {
             ) {
                 let container = workload.and_then(|w| w.container.as_deref());
                 let (role, refused) = match workload.map(|w| &w.role) {
-                    Some(RoleState::Assigned(a)) => (Some(a.request.role_arn.as_str()), None),
+                    Some(RoleState::Assigned(a)) => (Some(a.request().role_arn.as_str()), None),
                     Some(RoleState::Refused(r)) => (None, Some(r.code)),
                     _ => (None, None),
                 };
@@ -416,12 +416,10 @@ impl Imds {
                 if self.options.reject_forwarded && seen.forwarded {
                     return refuse(StatusCode::FORBIDDEN).into();
                 }
-                match self.tokens.verify_with(
-                    &workload.last_token,
-                    token.as_bytes(),
-                    workload.binding.as_bytes(),
-                    now,
-                ) {
+                match self
+                    .tokens
+                    .verify_with(&workload.binding, token.as_bytes(), now)
+                {
                     Ok(left) => Some(left.as_secs()),
                     Err(e) => {
                         self.metrics.token_rejected();
@@ -692,15 +690,12 @@ impl Imds {
     }
 
     fn serve_credentials(self: &Arc<Self>, assignment: &Assignment, now: SystemTime) -> Step {
-        match self
-            .broker
-            .get_now(&assignment.cache, &assignment.request, now)
-        {
+        match self.broker.get_now(&assignment.cache, now) {
             Lookup::Ready(answer) => self
-                .credentials_response(&assignment.request, answer)
+                .credentials_response(assignment.request(), answer)
                 .into(),
             Lookup::Wait(fetch) => {
-                let (this, request) = (self.clone(), assignment.request.clone());
+                let (this, request) = (self.clone(), assignment.request().clone());
                 Step::Wait(Box::pin(async move {
                     let answer = fetch.wait().await;
                     this.credentials_response(&request, answer).into()
@@ -748,10 +743,10 @@ impl Imds {
     }
 
     fn iam_info(&self, assignment: &Assignment) -> Bytes {
-        let arn = &assignment.request.role_arn;
+        let arn = &assignment.request().role_arn;
         let last_updated = self
             .broker
-            .peek(&assignment.request)
+            .peek(assignment.request())
             .map_or_else(|| self.clock.now(), |s| s.last_updated);
         let profile_arn = format!(
             "arn:{}:iam::{}:instance-profile{}{}",

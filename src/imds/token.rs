@@ -127,28 +127,26 @@ impl Tokens {
         time_left(self.check(token, binding)?, now)
     }
 
-    /// [`Tokens::verify`], remembering in `last` the last token that checked out for `binding`:
-    /// SDKs send the same token for hours, and comparing it costs less than its HMAC.
+    /// [`Tokens::verify`] for `binding`'s value, remembering in it the last token that checked
+    /// out: SDKs send the same token for hours, and comparing it costs less than its HMAC.
     pub fn verify_with(
         &self,
-        last: &LastToken,
+        binding: &Binding,
         token: &[u8],
-        binding: &[u8],
         now: SystemTime,
     ) -> Result<Duration, TokenError> {
-        if let Some(known) = last.0.load().as_deref()
+        // What is remembered was checked against this very binding, so only the bytes and the
+        // expiry are left to compare.
+        if let Some(known) = binding.last.load().as_deref()
             && same_bytes(&known.token, token)
-            && *known.binding == *binding
         {
             return time_left(known.expires, now);
         }
-        let expires = self.check(token, binding)?;
+        let expires = self.check(token, binding.as_bytes())?;
         if let Ok(token) = <[u8; TOKEN_LEN]>::try_from(token) {
-            last.0.store(Some(Arc::new(Checked {
-                token,
-                binding: binding.into(),
-                expires,
-            })));
+            binding
+                .last
+                .store(Some(Arc::new(Checked { token, expires })));
         }
         time_left(expires, now)
     }
@@ -201,20 +199,43 @@ fn time_left(expires: u32, now: SystemTime) -> Result<Duration, TokenError> {
     }
 }
 
-/// The last token one workload presented that checked out, for [`Tokens::verify_with`]. Never
-/// printed: a token is as good as a password for the workload it was issued to.
-#[derive(Default)]
-pub struct LastToken(ArcSwapOption<Checked>);
+/// What one workload's IMDSv2 tokens are bound to (a token is valid only for the workload it
+/// was issued to), with the last token the workload presented that checked out, for
+/// [`Tokens::verify_with`]. The token is never printed: it is as good as a password for the
+/// workload.
+pub struct Binding {
+    value: Box<str>,
+    last: ArcSwapOption<Checked>,
+}
 
 struct Checked {
     token: [u8; TOKEN_LEN],
-    binding: Box<[u8]>,
     expires: u32,
 }
 
-impl std::fmt::Debug for LastToken {
+impl Binding {
+    pub fn new(value: impl Into<Box<str>>) -> Self {
+        Binding {
+            value: value.into(),
+            last: ArcSwapOption::empty(),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.value
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        self.value.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for Binding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("LastToken(<redacted>)")
+        f.debug_tuple("Binding")
+            .field(&self.value)
+            .field(&format_args!("<last token redacted>"))
+            .finish()
     }
 }
 
@@ -275,41 +296,44 @@ mod tests {
     #[test]
     fn a_remembered_token_is_still_checked_for_expiry_caller_and_bytes() {
         let tk = tokens();
-        let last = LastToken::default();
-        let t = tk.issue(b"ip:10.0.0.1", 60, t0()).expect("rng");
-        let left = |at: u64| {
-            tk.verify_with(
-                &last,
-                t.as_bytes(),
-                b"ip:10.0.0.1",
-                t0() + Duration::from_secs(at),
-            )
-        };
+        let mine = Binding::new("ip:10.0.0.1");
+        let t = tk.issue(mine.as_bytes(), 60, t0()).expect("rng");
+        let left = |at: u64| tk.verify_with(&mine, t.as_bytes(), t0() + Duration::from_secs(at));
         assert_eq!(left(0), Ok(Duration::from_secs(60)));
-        assert_eq!(format!("{last:?}"), "LastToken(<redacted>)");
+        let shown = format!("{mine:?}");
+        assert!(!shown.contains(&t), "{shown}");
+        assert!(shown.contains("ip:10.0.0.1"), "{shown}");
         // Remembered now: the same answers as a full check.
         assert_eq!(left(10), Ok(Duration::from_secs(50)));
         assert_eq!(left(60), Err(TokenError::Expired));
-        // Another caller presenting it, even with this workload's memo, is refused.
+        // Another caller presenting it is refused, also after it has a token of its own
+        // remembered.
+        let theirs = Binding::new("ip:10.0.0.2");
         assert_eq!(
-            tk.verify_with(&last, t.as_bytes(), b"ip:10.0.0.2", t0()),
+            tk.verify_with(&theirs, t.as_bytes(), t0()),
+            Err(TokenError::BadSignature)
+        );
+        let own = tk.issue(theirs.as_bytes(), 60, t0()).expect("rng");
+        assert!(tk.verify_with(&theirs, own.as_bytes(), t0()).is_ok());
+        assert_eq!(
+            tk.verify_with(&theirs, t.as_bytes(), t0()),
             Err(TokenError::BadSignature)
         );
         // One changed character, a prefix, garbage.
         let mut tampered = t.clone().into_bytes();
         tampered[30] = if tampered[30] == b'A' { b'B' } else { b'A' };
         assert_eq!(
-            tk.verify_with(&last, &tampered, b"ip:10.0.0.1", t0()),
+            tk.verify_with(&mine, &tampered, t0()),
             Err(TokenError::BadSignature)
         );
         assert_eq!(
-            tk.verify_with(&last, &t.as_bytes()[..40], b"ip:10.0.0.1", t0()),
+            tk.verify_with(&mine, &t.as_bytes()[..40], t0()),
             Err(TokenError::Malformed)
         );
         // A newer token replaces the remembered one; the older one is still valid.
-        let newer = tk.issue(b"ip:10.0.0.1", 120, t0()).expect("rng");
+        let newer = tk.issue(mine.as_bytes(), 120, t0()).expect("rng");
         assert_eq!(
-            tk.verify_with(&last, newer.as_bytes(), b"ip:10.0.0.1", t0()),
+            tk.verify_with(&mine, newer.as_bytes(), t0()),
             Ok(Duration::from_secs(120))
         );
         assert_eq!(left(1), Ok(Duration::from_secs(59)));
