@@ -13,6 +13,7 @@
 
 use std::cell::Cell;
 use std::fmt::{self, Write as _};
+use std::hash::BuildHasher as _;
 use std::io::IsTerminal as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -39,44 +40,35 @@ pub const DEFAULT_ACCESS_LOG_BURST: u32 = 10;
 /// limit (10,000 lines in 30 s by default) would otherwise drop lines from every other caller,
 /// warnings included, and at tens of thousands of requests a second the lines would cost more than
 /// the answers. Requests left out are still answered and counted in the metrics; the caller's next
-/// written line says how many (`suppressed=N`). Any line that differs from the caller's previous
-/// one is always written. Many callers in a loop at once share one more limit, [`RepeatLimits`].
+/// written line says how many (`suppressed=N`). The caller's last [`REMEMBERED_LINES`] different
+/// lines are each limited on their own, so that a loop of a few different requests (an SDK client
+/// made anew for every call: token PUT, role listing, credentials GET) is kept down as well; a
+/// line that is none of them is always written. Many callers in a loop at once share one more
+/// limit, [`RepeatLimits`].
 #[derive(Debug, Default)]
-pub struct RepeatFilter(Mutex<Run>);
+pub struct RepeatFilter(Mutex<Runs>);
+
+/// How many of a caller's different lines [`RepeatFilter`] tells apart.
+pub const REMEMBERED_LINES: usize = 4;
 
 #[derive(Debug, Default)]
-struct Run {
-    /// The caller's last written line: its four parts one after the other…
-    key: Vec<u8>,
-    /// …and where each ends in `key`.
-    ends: [usize; 4],
-    /// When the current one-second window for `key` ends.
-    window_end: Option<Instant>,
-    /// Lines written for `key` in the window.
-    written: u32,
+struct Runs {
+    lines: [Run; REMEMBERED_LINES],
     /// Requests not written since the caller's last written line.
     suppressed: u64,
 }
 
-impl Run {
-    /// Whether `parts` are the parts of `key`: a length check, then one comparison per part
-    /// (this runs on every request).
-    fn is(&self, parts: &[&str; 4]) -> bool {
-        let mut start = 0;
-        parts.iter().zip(self.ends).all(|(part, end)| {
-            let same = end - start == part.len() && self.key[start..end] == *part.as_bytes();
-            start = end;
-            same
-        })
-    }
-
-    fn remember(&mut self, parts: &[&str; 4]) {
-        self.key.clear();
-        for (part, end) in parts.iter().zip(&mut self.ends) {
-            self.key.extend_from_slice(part.as_bytes());
-            *end = self.key.len();
-        }
-    }
+/// One remembered line. Kept inline, so that the check on every request reads no other memory.
+#[derive(Debug, Default, Clone, Copy)]
+struct Run {
+    /// The line's four parts, hashed with the process's seed ([`RepeatLimits`]); `None` for a
+    /// slot not used yet. Two different lines with the same 64-bit hash would share a limit:
+    /// the second would at worst be counted instead of written for a second.
+    line: Option<u64>,
+    /// When the current one-second window for the line ends.
+    window_end: Option<Instant>,
+    /// Lines written in the window.
+    written: u32,
 }
 
 /// What to do with one access line.
@@ -95,6 +87,8 @@ pub enum Verdict {
 #[derive(Debug)]
 pub struct RepeatLimits {
     burst: u32,
+    /// Hashes the callers' lines; seeded per process.
+    lines: foldhash::quality::RandomState,
     total: u32,
     /// Seconds are counted from here…
     since: Instant,
@@ -108,6 +102,7 @@ impl RepeatLimits {
     pub fn new(burst: u32) -> Self {
         Self {
             burst,
+            lines: foldhash::quality::RandomState::default(),
             total: burst.saturating_mul(10),
             since: Instant::now(),
             second: AtomicU64::new(0),
@@ -151,24 +146,43 @@ impl RepeatFilter {
         if limits.burst == 0 {
             return Verdict::Write { suppressed: 0 };
         }
-        let parts = [method, path, status, agent];
-        let mut run = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let same = run.is(&parts);
-        let in_window = run.window_end.is_some_and(|end| now < end);
-        if !same {
-            run.remember(&parts);
-        }
-        if !same || !in_window {
-            run.window_end = now.checked_add(Duration::from_secs(1));
-            run.written = 0;
-        }
-        if run.written < limits.burst && (!same || limits.take(now)) {
-            run.written += 1;
+        // `str`'s hash ends each part with a byte UTF-8 never has: moving text from one part to
+        // the next makes another line.
+        let line = limits.lines.hash_one((method, path, status, agent));
+        let mut runs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let write = match runs.lines.iter().position(|r| r.line == Some(line)) {
+            Some(i) => {
+                let run = &mut runs.lines[i];
+                if !run.window_end.is_some_and(|end| now < end) {
+                    run.window_end = now.checked_add(Duration::from_secs(1));
+                    run.written = 0;
+                }
+                let write = run.written < limits.burst && limits.take(now);
+                run.written += u32::from(write);
+                write
+            }
+            None => {
+                // A line none of the remembered ones: written, and remembered in place of the
+                // one whose window began longest ago (an unused slot first).
+                let oldest = runs
+                    .lines
+                    .iter_mut()
+                    .min_by_key(|r| r.window_end)
+                    .unwrap_or_else(|| unreachable!("REMEMBERED_LINES > 0"));
+                *oldest = Run {
+                    line: Some(line),
+                    window_end: now.checked_add(Duration::from_secs(1)),
+                    written: 1,
+                };
+                true
+            }
+        };
+        if write {
             Verdict::Write {
-                suppressed: std::mem::take(&mut run.suppressed),
+                suppressed: std::mem::take(&mut runs.suppressed),
             }
         } else {
-            run.suppressed += 1;
+            runs.suppressed += 1;
             Verdict::Skip
         }
     }
@@ -750,6 +764,8 @@ mod tests {
             "sdk",
         ];
         assert_eq!(filter.check(&three, denied, at(5)), write(2));
+        // Four more different lines: each written, each remembered in place of the line whose
+        // window began longest ago (so `creds`, then `denied`, are forgotten).
         for other in [
             ["HEAD", creds[1], "200", "sdk"],
             [
@@ -766,20 +782,55 @@ mod tests {
                 "",
                 "sdk",
             ],
-            creds,
         ] {
             assert_eq!(filter.check(&three, other, at(6)), write(0), "{other:?}");
         }
-        assert_eq!(filter.check(&three, creds, at(7)), write(0));
-        assert_eq!(filter.check(&three, creds, at(8)), write(0));
-        assert_eq!(filter.check(&three, creds, at(9)), Verdict::Skip);
+        // `creds` was forgotten: a new line again, with a new burst.
+        for ms in [7, 8, 9] {
+            assert_eq!(filter.check(&three, creds, at(ms)), write(0));
+        }
+        assert_eq!(filter.check(&three, creds, at(10)), Verdict::Skip);
         // A second after the window began, the burst is available again.
-        assert_eq!(filter.check(&three, creds, at(1_006)), write(1));
+        assert_eq!(filter.check(&three, creds, at(1_008)), write(1));
         // 0 writes everything.
         let all = RepeatLimits::new(0);
         for ms in 0..10 {
             assert_eq!(filter.check(&all, creds, at(2_000 + ms)), write(0));
         }
+    }
+
+    #[test]
+    fn a_loop_of_a_few_different_lines_is_kept_down_too() {
+        // An SDK client made anew for every call: token PUT, role listing, credentials GET, in a
+        // loop. Each line is one of the caller's last few, so each is held to the burst.
+        let filter = RepeatFilter::default();
+        let three = RepeatLimits::new(3);
+        let t0 = three.since;
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let sdk = [
+            ["PUT", "/latest/api/token", "200", "sdk"],
+            [
+                "GET",
+                "/latest/meta-data/iam/security-credentials/",
+                "200",
+                "sdk",
+            ],
+            CREDS_LINE,
+        ];
+        let written = (0..100u64)
+            .flat_map(|i| sdk.map(|line| (i, line)))
+            .filter(|&(i, line)| filter.check(&three, line, at(i)) != Verdict::Skip)
+            .count();
+        assert_eq!(written, 9, "three of each of the three lines");
+        // The next second: written again, and the first line reports the 291 left out.
+        assert_eq!(
+            filter.check(&three, sdk[0], at(1_000)),
+            Verdict::Write { suppressed: 291 }
+        );
+        assert_eq!(
+            filter.check(&three, sdk[1], at(1_000)),
+            Verdict::Write { suppressed: 0 }
+        );
     }
 
     #[test]
