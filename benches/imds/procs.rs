@@ -234,9 +234,20 @@ pub struct Moto {
 }
 
 impl Moto {
+    /// Starts moto on every CPU, not pinned with the load driver: it stands in for STS, which
+    /// has its own machines, and sharing CPU 1 with 200 callers and the counting proxy would
+    /// slow it (and so every caller in (d)) for no reason that has to do with imdsd.
     pub fn start(python: &Path) -> Moto {
         let port = free_port();
-        let child = Command::new(python)
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut cmd = if PINNED.load(Ordering::SeqCst) {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", &format!("0-{}", cpus - 1)]).arg(python);
+            cmd
+        } else {
+            Command::new(python)
+        };
+        let child = cmd
             .args([
                 "-m",
                 "moto.server",
