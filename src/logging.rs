@@ -153,7 +153,7 @@ impl RepeatFilter {
         let write = match runs.lines.iter().position(|r| r.line == Some(line)) {
             Some(i) => {
                 let run = &mut runs.lines[i];
-                if !run.window_end.is_some_and(|end| now < end) {
+                if run.window_end.is_none_or(|end| now >= end) {
                     run.window_end = now.checked_add(Duration::from_secs(1));
                     run.written = 0;
                 }
