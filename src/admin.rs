@@ -176,7 +176,9 @@ impl Admin {
                         entry["refused"] =
                             json!({"code": refusal.code, "message": refusal.message});
                     }
-                    RoleState::None | RoleState::Pending => entry["role"] = Value::Null,
+                    RoleState::None | RoleState::Pending | RoleState::Unserved(_) => {
+                        entry["role"] = Value::Null
+                    }
                 }
                 Some(entry)
             })

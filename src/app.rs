@@ -136,11 +136,7 @@ impl App {
         let imds = Arc::new(imds);
         match &config.docker {
             Some(d) => {
-                let networks = d
-                    .networks
-                    .as_ref()
-                    .map_or_else(|| "all".to_string(), |n| n.join(","));
-                tracing::info!(docker = %d.host, networks = %networks, "telling containers apart through the Docker Engine")
+                tracing::info!(docker = %d.host, networks = %d.networks.describe(), "telling containers apart through the Docker Engine")
             }
             None => tracing::warn!(
                 "no Docker Engine (--docker-host none, or no /var/run/docker.sock): every caller is served by the mapping file and the default role"

@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::credentials::broker::BrokerConfig;
 use crate::credentials::fake::DEFAULT_LIFETIME;
-use crate::docker::DockerOptions;
+use crate::docker::{DockerOptions, NetworkScope};
 use crate::identity::container::{ContainerRules, DEFAULT_UNKNOWN_CALLER_WAIT, SessionKey};
 use crate::identity::mapping::RoleMapping;
 use crate::identity::role::{AccountContext, RoleSpec, parse_account_map};
@@ -270,8 +270,8 @@ pub struct Cli {
     #[arg(help_heading = "Docker", long, env = "DOCKER_HOST", value_name = "URL")]
     pub docker_host: Option<String>,
 
-    /// Only serve containers attached to these Docker networks (comma-separated names).
-    /// [default: all networks]
+    /// Serve only containers calling from these Docker networks (comma-separated names; '*' for
+    /// every network). [default: the networks that carry a --listen or --ecs-listen address]
     #[arg(
         help_heading = "Docker",
         long,
@@ -1332,6 +1332,16 @@ fn resolve(
             imds_endpoint: proxy.as_ref().map(|p| p.upstream.clone()),
         }
     };
+    // Unless the operator named them, the networks served are those that carry an address imdsd
+    // listens on: the metadata network of the host or compose layout, the bridge on EC2.
+    let mut docker = docker;
+    if let Some(NetworkScope::Carrying(addrs)) = docker.as_mut().map(|d| &mut d.networks) {
+        *addrs = listen
+            .iter()
+            .chain(&ecs_listen)
+            .map(SocketAddr::ip)
+            .collect();
+    }
     Ok(Config {
         config_file: cli.config.clone(),
         listen,
@@ -1688,8 +1698,25 @@ fn resolve_containers(
         &cli.networks,
         file.networks.as_ref(),
     )
-    .map(|(n, _)| n)
-    .filter(|n| !n.is_empty());
+    .filter(|(n, _)| !n.is_empty());
+    let networks = match networks {
+        None => NetworkScope::Carrying(Vec::new()),
+        Some((names, _)) if names.len() == 1 && names[0] == "*" => NetworkScope::All,
+        Some((names, origin)) => {
+            for name in &names {
+                if !valid_network_name(name) {
+                    r.problem(
+                        &origin,
+                        format!(
+                            "{name:?} is not a Docker network name; name the networks whose \
+                             containers are served (`docker network ls`), or '*' for every network"
+                        ),
+                    );
+                }
+            }
+            NetworkScope::Named(names)
+        }
+    };
 
     let host = r
         .pick(
@@ -1734,6 +1761,13 @@ fn resolve_containers(
 }
 
 const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+
+/// What Docker accepts as a network name (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`).
+fn valid_network_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
 
 /// `unix:///var/run/docker.sock`, lyft's `unix://var/run/docker.sock`, a bare socket path,
 /// `tcp://host:2375` or `http://host:2375`; or `synthetic:N`, made-up containers for benchmarks
@@ -2111,7 +2145,7 @@ mod tests {
         assert_eq!(docker.host, "unix:///var/run/other.sock");
         assert_eq!(
             docker.networks,
-            Some(vec!["a".to_string(), "b".to_string()])
+            NetworkScope::Named(vec!["a".to_string(), "b".to_string()])
         );
         assert!(docker.env_keys.contains(&"JOB".to_string()));
         assert!(docker.label_keys.contains(&"imdsd.role".to_string()));

@@ -15,7 +15,7 @@
 //! retryable 503 rather than a possibly stale role. The watcher reconnects with a short backoff and
 //! a full sync makes the index authoritative again.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,7 +28,7 @@ use futures::StreamExt as _;
 use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 
-use crate::index::{Change, Container, Index, IndexWriter};
+use crate::index::{Change, Container, Index, IndexWriter, Subnet};
 
 pub mod synthetic;
 
@@ -43,8 +43,153 @@ pub struct DockerOptions {
     pub env_keys: Vec<String>,
     /// Labels copied from containers into the index (the rest are not kept).
     pub label_keys: Vec<String>,
-    /// Only containers on these networks are served; `None` serves all.
-    pub networks: Option<Vec<String>>,
+    /// Whose containers are served.
+    pub networks: NetworkScope,
+}
+
+/// Which Docker networks' containers are served. A container calling from any other network is
+/// refused: being able to reach imdsd's address (through the host's routing, from the default
+/// `bridge` say) is not the same as being attached to the metadata network on purpose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkScope {
+    /// The networks that carry one of these addresses, imdsd's own listen addresses: inside the
+    /// network's subnet (the network's gateway in host mode, imdsd's container in compose), or on
+    /// the network's bridge interface on this host (an address added to `docker0`). An
+    /// unspecified address (`0.0.0.0`, `::`) stands for every address of this host.
+    Carrying(Vec<IpAddr>),
+    /// These networks, by name (`--networks a,b`).
+    Named(Vec<String>),
+    /// Every network (`--networks '*'`).
+    All,
+}
+
+impl NetworkScope {
+    /// For the start-up log and doctor.
+    pub fn describe(&self) -> String {
+        match self {
+            NetworkScope::Carrying(addrs) => format!(
+                "the networks that carry a listen address ({})",
+                addrs
+                    .iter()
+                    .map(IpAddr::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            NetworkScope::Named(names) => names.join(", "),
+            NetworkScope::All => "every network".into(),
+        }
+    }
+}
+
+/// What the scope is decided on, of one Docker network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkInfo {
+    pub name: String,
+    /// Each subnet with its gateway (the host's own address on it).
+    pub subnets: Vec<(IpNet, Option<IpAddr>)>,
+    /// The host interface of a bridge network (`docker0`, `br-<id>`, `imdsd0`), if it is one.
+    pub bridge: Option<String>,
+}
+
+impl NetworkInfo {
+    /// Reads what matters of a network listing entry; `None` for an entry without a name.
+    pub fn from_model(n: &bollard::models::Network) -> Option<Self> {
+        let name = n.name.clone()?;
+        let subnets = n
+            .ipam
+            .as_ref()
+            .and_then(|i| i.config.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|cfg| {
+                let subnet = cfg.subnet.as_deref()?.parse::<IpNet>().ok()?;
+                let gateway = cfg
+                    .gateway
+                    .as_deref()
+                    .and_then(|g| g.split('/').next())
+                    .and_then(|g| g.parse::<IpAddr>().ok())
+                    // Docker gives a subnet without an explicit gateway (typically an IPv6 one)
+                    // its first address, on the host's bridge: that caller is the host.
+                    .or_else(|| first_host(subnet));
+                Some((subnet, gateway))
+            })
+            .collect();
+        let option = n
+            .options
+            .as_ref()
+            .and_then(|o| o.get("com.docker.network.bridge.name"))
+            .filter(|b| !b.is_empty())
+            .cloned();
+        let bridge = match (option, n.driver.as_deref(), n.id.as_deref()) {
+            (Some(b), _, _) => Some(b),
+            // Docker names a bridge it was not told a name for after the network's id.
+            (None, Some("bridge"), Some(id)) if id.len() >= 12 => Some(format!("br-{}", &id[..12])),
+            _ => None,
+        };
+        Some(NetworkInfo {
+            name,
+            subnets,
+            bridge,
+        })
+    }
+}
+
+/// The networks `scope` serves among `networks`, given the addresses of this host's interfaces
+/// (interface name, address).
+pub fn served_networks(
+    scope: &NetworkScope,
+    networks: &[NetworkInfo],
+    local: &[(String, IpAddr)],
+) -> BTreeSet<String> {
+    let carried = |n: &NetworkInfo, addrs: &[IpAddr]| {
+        addrs.iter().any(|a| {
+            let a = a.to_canonical();
+            n.subnets.iter().any(|(net, _)| net.contains(&a))
+                || n.bridge.as_ref().is_some_and(|bridge| {
+                    local
+                        .iter()
+                        .any(|(iface, addr)| iface == bridge && addr.to_canonical() == a)
+                })
+        })
+    };
+    networks
+        .iter()
+        .filter(|n| match scope {
+            NetworkScope::All => true,
+            NetworkScope::Named(names) => names.contains(&n.name),
+            NetworkScope::Carrying(addrs) => {
+                if addrs.iter().any(IpAddr::is_unspecified) {
+                    // Listening everywhere: every address of this host is a listen address.
+                    let all: Vec<IpAddr> = local.iter().map(|(_, a)| *a).collect();
+                    carried(n, &all)
+                } else {
+                    carried(n, addrs)
+                }
+            }
+        })
+        .map(|n| n.name.clone())
+        .collect()
+}
+
+/// This host's interface addresses (name, address): in compose, imdsd's own container's.
+pub fn local_addresses() -> Vec<(String, IpAddr)> {
+    match nix::ifaddrs::getifaddrs() {
+        Ok(addrs) => addrs
+            .filter_map(|ifa| {
+                let a = ifa.address?;
+                let ip = if let Some(v4) = a.as_sockaddr_in() {
+                    IpAddr::V4(v4.ip())
+                } else {
+                    IpAddr::V6(a.as_sockaddr_in6()?.ip())
+                };
+                Some((ifa.interface_name, ip))
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list this host's interface addresses");
+            Vec::new()
+        }
+    }
 }
 
 /// Counters for metrics and tests.
@@ -79,6 +224,9 @@ pub struct Watcher {
     options: DockerOptions,
     writer: IndexWriter,
     stats: Arc<DockerStats>,
+    /// The networks served now, by name: worked out from [`DockerOptions::networks`] whenever the
+    /// networks are listed.
+    served: BTreeSet<String>,
 }
 
 impl Watcher {
@@ -87,6 +235,7 @@ impl Watcher {
             options,
             writer,
             stats: Arc::new(DockerStats::default()),
+            served: BTreeSet::new(),
         }
     }
 
@@ -241,7 +390,8 @@ impl Watcher {
     /// flowed); after a (re)connect everything is inspected, since a container may have restarted
     /// unseen and a new incarnation must get a new binding.
     async fn full_sync(&mut self, docker: &Docker, reuse: bool) -> Result<(), SessionError> {
-        self.refresh_networks(docker).await?;
+        // A change of the served networks drops what was kept: containers are filtered anew.
+        let reuse = !self.refresh_networks(docker).await? && reuse;
         self.count(1);
         self.stats.lists.fetch_add(1, Ordering::Relaxed);
         let running = docker
@@ -278,33 +428,55 @@ impl Watcher {
     }
 
     fn serves_network(&self, name: &str) -> bool {
-        self.options
-            .networks
-            .as_ref()
-            .is_none_or(|served| served.iter().any(|n| n == name))
+        self.served.contains(name)
     }
 
-    async fn refresh_networks(&mut self, docker: &Docker) -> Result<(), SessionError> {
+    /// Lists the networks: their subnets tell container callers from the host, and the scope
+    /// says which of them are served. Returns whether the served set changed (the containers
+    /// then have to be listed again, to be kept or dropped by the new set).
+    async fn refresh_networks(&mut self, docker: &Docker) -> Result<bool, SessionError> {
         self.count(1);
-        let networks = docker.list_networks(None::<ListNetworksOptions>).await?;
-        let mut subnets = Vec::new();
-        let mut gateways = Vec::new();
-        for n in networks {
-            for cfg in n.ipam.and_then(|i| i.config).unwrap_or_default() {
-                let subnet = cfg.subnet.as_deref().and_then(|s| s.parse::<IpNet>().ok());
-                let gateway = cfg
-                    .gateway
-                    .as_deref()
-                    .and_then(|g| g.parse::<IpAddr>().ok())
-                    // Docker gives a subnet without an explicit gateway (typically an IPv6 one)
-                    // its first address, on the host's bridge: that caller is the host.
-                    .or_else(|| subnet.and_then(first_host));
-                subnets.extend(subnet);
-                gateways.extend(gateway);
-            }
+        let listed = docker.list_networks(None::<ListNetworksOptions>).await?;
+        let networks: Vec<NetworkInfo> =
+            listed.iter().filter_map(NetworkInfo::from_model).collect();
+        let local = match self.options.networks {
+            NetworkScope::Carrying(_) => local_addresses(),
+            _ => Vec::new(),
+        };
+        let served = served_networks(&self.options.networks, &networks, &local);
+        let subnets = networks
+            .iter()
+            .flat_map(|n| {
+                let served = served.contains(&n.name);
+                let network: Arc<str> = n.name.as_str().into();
+                n.subnets.iter().map(move |(net, gateway)| Subnet {
+                    network: network.clone(),
+                    net: *net,
+                    gateway: *gateway,
+                    served,
+                })
+            })
+            .collect();
+        self.writer.set_networks(subnets);
+        if served == self.served {
+            return Ok(false);
         }
-        self.writer.set_networks(subnets, gateways);
-        Ok(())
+        if served.is_empty() {
+            tracing::warn!(
+                docker = %self.options.host,
+                scope = %self.options.networks.describe(),
+                "no Docker network is served, so no container gets a role: listen on the metadata \
+                 network's address (imdsd network up), or name the networks with --networks"
+            );
+        } else {
+            tracing::info!(
+                docker = %self.options.host,
+                networks = %served.iter().map(String::as_str).collect::<Vec<_>>().join(", "),
+                "serving containers on these Docker networks; containers calling from any other are refused"
+            );
+        }
+        self.served = served;
+        Ok(true)
     }
 
     async fn apply_event(
@@ -333,7 +505,11 @@ impl Watcher {
                         self.reinspect(docker, &id.clone()).await?;
                     }
                 }
-                "create" | "destroy" => self.refresh_networks(docker).await?,
+                // Listed again in the guard; when the served networks changed with it, the
+                // containers are filtered anew.
+                "create" | "destroy" if self.refresh_networks(docker).await? => {
+                    self.full_sync(docker, false).await?;
+                }
                 _ => {}
             },
             _ => {}
@@ -354,7 +530,7 @@ impl Watcher {
         self.count(1);
         self.stats.inspects.fetch_add(1, Ordering::Relaxed);
         match docker.inspect_container(id, None).await {
-            Ok(details) => Ok(to_container(details, &self.options)),
+            Ok(details) => Ok(to_container(details, &self.options, &self.served)),
             // Gone between the event and the inspect.
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
@@ -382,6 +558,7 @@ fn endpoint_addresses(e: &bollard::models::EndpointSettings) -> Vec<IpAddr> {
 pub(crate) fn to_container(
     details: ContainerInspectResponse,
     options: &DockerOptions,
+    served: &BTreeSet<String>,
 ) -> Option<Container> {
     let state = details.state?;
     if state.running != Some(true) || state.restarting == Some(true) {
@@ -399,15 +576,14 @@ pub(crate) fn to_container(
         .collect();
     endpoints.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, endpoint) in endpoints {
-        if let Some(allowed) = &options.networks
-            && !allowed.contains(&name)
-        {
+        if !served.contains(&name) {
             continue;
         }
         addresses.extend(endpoint_addresses(&endpoint));
         networks.push(name);
     }
-    if options.networks.is_some() && networks.is_empty() {
+    if networks.is_empty() {
+        // On no served network: it cannot be told apart by an address imdsd serves.
         return None;
     }
     let env = kept(
@@ -500,20 +676,28 @@ mod tests {
         }
     }
 
-    fn options(networks: Option<Vec<String>>) -> DockerOptions {
+    fn options() -> DockerOptions {
         DockerOptions {
             host: "unix:///var/run/docker.sock".into(),
             resync_every: Duration::from_secs(60),
             env_keys: vec!["IAM_ROLE".into()],
             label_keys: vec!["imdsd.role".into()],
-            networks,
+            networks: NetworkScope::All,
         }
+    }
+
+    fn served(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| (*n).to_string()).collect()
     }
 
     #[test]
     fn only_the_variables_and_labels_imdsd_reads_are_kept() {
-        let c =
-            to_container(details(true, &[("net", "172.18.0.2")]), &options(None)).expect("running");
+        let c = to_container(
+            details(true, &[("net", "172.18.0.2")]),
+            &options(),
+            &served(&["net"]),
+        )
+        .expect("running");
         assert_eq!(c.name, "web_1");
         assert_eq!(c.env.len(), 1);
         assert_eq!(c.env["IAM_ROLE"], "app");
@@ -535,17 +719,160 @@ mod tests {
 
     #[test]
     fn stopped_containers_are_not_indexed() {
-        assert!(to_container(details(false, &[("net", "172.18.0.2")]), &options(None)).is_none());
+        assert!(
+            to_container(
+                details(false, &[("net", "172.18.0.2")]),
+                &options(),
+                &served(&["net"])
+            )
+            .is_none()
+        );
     }
 
     #[test]
     fn the_network_filter_keeps_only_served_networks() {
         let d = details(true, &[("served", "172.18.0.2"), ("other", "172.19.0.2")]);
-        let c =
-            to_container(d, &options(Some(vec!["served".into()]))).expect("on a served network");
+        let c = to_container(d, &options(), &served(&["served"])).expect("on a served network");
         assert_eq!(c.networks, vec!["served".to_string()]);
         assert_eq!(c.addresses.len(), 1);
         let d = details(true, &[("other", "172.19.0.2")]);
-        assert!(to_container(d, &options(Some(vec!["served".into()]))).is_none());
+        assert!(to_container(d, &options(), &served(&["served"])).is_none());
+    }
+
+    fn network(name: &str, subnet: &str, gateway: &str, bridge: &str) -> NetworkInfo {
+        NetworkInfo {
+            name: name.into(),
+            subnets: vec![(
+                subnet.parse().expect("net"),
+                Some(gateway.parse().expect("ip")),
+            )],
+            bridge: Some(bridge.into()),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    /// The default bridge, the host layout's metadata network, and a compose project's network.
+    fn networks() -> Vec<NetworkInfo> {
+        vec![
+            network("bridge", "172.17.0.0/16", "172.17.0.1", "docker0"),
+            network(
+                "ec2_metadata",
+                "169.254.169.0/24",
+                "169.254.169.254",
+                "imdsd0",
+            ),
+            network(
+                "app_default",
+                "172.20.0.0/16",
+                "172.20.0.1",
+                "br-0123456789ab",
+            ),
+        ]
+    }
+
+    /// The host's interfaces in the host layout (`imdsd network up`).
+    fn host_interfaces() -> Vec<(String, IpAddr)> {
+        vec![
+            ("lo".into(), ip("127.0.0.1")),
+            ("eth0".into(), ip("10.0.2.15")),
+            ("docker0".into(), ip("172.17.0.1")),
+            ("imdsd0".into(), ip("169.254.169.254")),
+            ("br-0123456789ab".into(), ip("172.20.0.1")),
+        ]
+    }
+
+    #[test]
+    fn by_default_only_the_network_that_carries_the_listen_address_is_served() {
+        let served = |addrs: &[&str], local: &[(String, IpAddr)]| {
+            let scope = NetworkScope::Carrying(addrs.iter().map(|a| ip(a)).collect());
+            served_networks(&scope, &networks(), local)
+                .into_iter()
+                .collect::<Vec<_>>()
+        };
+        // Host layout: imdsd on the metadata network's gateway; `bridge` reaches that address
+        // through the host's routing, but it is not attached.
+        assert_eq!(
+            served(&["169.254.169.254"], &host_interfaces()),
+            ["ec2_metadata"]
+        );
+        // Compose layout: imdsd's own container holds the address; no host bridges in view.
+        let in_container = vec![("eth0".to_string(), ip("169.254.169.254"))];
+        assert_eq!(
+            served(&["169.254.169.254"], &in_container),
+            ["ec2_metadata"]
+        );
+        // EC2 layout: imdsd on docker0's own address, where the redirect sends containers.
+        assert_eq!(served(&["172.17.0.1"], &host_interfaces()), ["bridge"]);
+        // The docker0 variant: 169.254.169.254 added to docker0 by hand (no metadata network).
+        let docker0_variant = vec![
+            ("docker0".to_string(), ip("172.17.0.1")),
+            ("docker0".to_string(), ip("169.254.169.254")),
+        ];
+        let without_metadata_network: Vec<NetworkInfo> = networks()
+            .into_iter()
+            .filter(|n| n.name != "ec2_metadata")
+            .collect();
+        let scope = NetworkScope::Carrying(vec![ip("169.254.169.254")]);
+        assert_eq!(
+            served_networks(&scope, &without_metadata_network, &docker0_variant)
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["bridge"]
+        );
+        // Loopback (the quick start) carries no network: no container is served.
+        assert!(served(&["127.0.0.1"], &host_interfaces()).is_empty());
+        // Listening everywhere is every network that carries one of the host's addresses.
+        assert_eq!(
+            served(&["0.0.0.0"], &host_interfaces()),
+            ["app_default", "bridge", "ec2_metadata"]
+        );
+    }
+
+    #[test]
+    fn named_networks_and_every_network_are_served_as_told() {
+        let named = NetworkScope::Named(vec!["app_default".into(), "missing".into()]);
+        assert_eq!(
+            served_networks(&named, &networks(), &[])
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["app_default"]
+        );
+        assert_eq!(
+            served_networks(&NetworkScope::All, &networks(), &[]).len(),
+            3
+        );
+    }
+
+    #[test]
+    fn a_network_listing_entry_gives_its_bridge_and_gateways() {
+        let listed: bollard::models::Network = serde_json::from_value(serde_json::json!({
+            "Name": "app_default",
+            "Id": "0123456789abcdef0123456789abcdef",
+            "Driver": "bridge",
+            "IPAM": {"Config": [
+                {"Subnet": "172.20.0.0/16", "Gateway": "172.20.0.1"},
+                {"Subnet": "fd00:db8::/64"}
+            ]},
+            "Options": {}
+        }))
+        .expect("a network");
+        let n = NetworkInfo::from_model(&listed).expect("named");
+        assert_eq!(n.bridge.as_deref(), Some("br-0123456789ab"));
+        assert_eq!(
+            n.subnets,
+            vec![
+                (
+                    "172.20.0.0/16".parse().expect("net"),
+                    Some(ip("172.20.0.1"))
+                ),
+                (
+                    "fd00:db8::/64".parse().expect("net"),
+                    Some(ip("fd00:db8::1"))
+                ),
+            ]
+        );
     }
 }

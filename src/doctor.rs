@@ -18,7 +18,7 @@
 //! discarded). Every network operation is bounded by a timeout, so it never hangs on an engine or
 //! endpoint that does not answer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -28,7 +28,7 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::query_parameters::{ListContainersOptions, ListNetworksOptions};
 use futures::StreamExt as _;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::Ipv4Net;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::clock::{SharedClock, SystemClock};
@@ -36,7 +36,7 @@ use crate::config::{self, Config, Parsed, SourceConfig};
 use crate::credentials::fake::FakeSource;
 use crate::credentials::sts::{StsSetupError, StsSource};
 use crate::credentials::{AssumeRequest, CredentialSource, SourceError};
-use crate::docker::DockerOptions;
+use crate::docker::{DockerOptions, NetworkInfo, NetworkScope, served_networks};
 use crate::identity::container::{self, Decision};
 use crate::identity::role::{AccountContext, RoleArn};
 use crate::index::Container;
@@ -75,6 +75,7 @@ const IDENTITY: &str = "identity";
 const ROLES: &str = "roles";
 const LISTEN: &str = "listen";
 const NETWORK: &str = "network";
+const NETWORKS: &str = "networks";
 const EC2_REDIRECT: &str = "ec2-redirect";
 
 /// Runs every check; returns the exit code (0 only if all pass).
@@ -328,17 +329,12 @@ enum DockerState {
 #[derive(Debug, Default)]
 struct Survey {
     networks: Vec<NetworkInfo>,
+    /// The networks whose containers the daemon would serve.
+    served_networks: BTreeSet<String>,
     /// Every running container's address → (container name, network name).
     holders: HashMap<IpAddr, (String, String)>,
     /// The running containers the daemon would serve, as its index would hold them.
     served: Vec<Container>,
-}
-
-#[derive(Debug, Clone)]
-struct NetworkInfo {
-    name: String,
-    /// Each subnet with its gateway, if the network has one.
-    subnets: Vec<(IpNet, Option<IpAddr>)>,
 }
 
 async fn check_docker(report: &mut Report, options: Option<&DockerOptions>) -> DockerState {
@@ -353,7 +349,8 @@ async fn check_docker(report: &mut Report, options: Option<&DockerOptions>) -> D
     match survey(options).await {
         Ok((summary, survey)) => {
             report.pass(DOCKER, format!("{} answers: {summary}", options.host));
-            if let Some(wanted) = &options.networks {
+            check_served_networks(report, options, &survey);
+            if let NetworkScope::Named(wanted) = &options.networks {
                 for name in wanted {
                     if !survey.networks.iter().any(|n| &n.name == name) {
                         report.fail(
@@ -441,24 +438,17 @@ async fn survey(options: &DockerOptions) -> Result<(String, Survey), String> {
     .await
     .map_err(|e| format!("listing networks: {e}"))?;
 
+    let networks: Vec<NetworkInfo> = networks
+        .iter()
+        .filter_map(NetworkInfo::from_model)
+        .collect();
+    let local = match options.networks {
+        NetworkScope::Carrying(_) => crate::docker::local_addresses(),
+        _ => Vec::new(),
+    };
     let mut survey = Survey {
-        networks: networks
-            .into_iter()
-            .map(|n| NetworkInfo {
-                name: n.name.unwrap_or_default(),
-                subnets: n
-                    .ipam
-                    .and_then(|i| i.config)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|c| {
-                        let subnet = c.subnet?.parse::<IpNet>().ok()?;
-                        let gateway = c.gateway.and_then(|g| g.parse::<IpAddr>().ok());
-                        Some((subnet, gateway))
-                    })
-                    .collect(),
-            })
-            .collect(),
+        served_networks: served_networks(&options.networks, &networks, &local),
+        networks,
         ..Survey::default()
     };
 
@@ -486,16 +476,14 @@ async fn survey(options: &DockerOptions) -> Result<(String, Survey), String> {
             }
         }
         // Only containers the daemon would serve need their environment, which takes an inspect.
-        let served = options
-            .networks
-            .as_ref()
-            .is_none_or(|wanted| endpoints.keys().any(|n| wanted.contains(n)));
-        if !served {
+        if !endpoints.keys().any(|n| survey.served_networks.contains(n)) {
             continue;
         }
         match tokio::time::timeout(DOCKER_TIMEOUT, docker.inspect_container(&id, None)).await {
             Ok(Ok(details)) => {
-                if let Some(c) = crate::docker::to_container(details, options) {
+                if let Some(c) =
+                    crate::docker::to_container(details, options, &survey.served_networks)
+                {
                     survey.served.push(c);
                 }
             }
@@ -514,22 +502,53 @@ async fn survey(options: &DockerOptions) -> Result<(String, Survey), String> {
     }
 
     let summary = format!(
-        "Docker Engine {} (API {}), {count} running container{}, {} network{}{}",
+        "Docker Engine {} (API {}), {count} running container{}, {} network{}",
         version.version.as_deref().unwrap_or("?"),
         version.api_version.as_deref().unwrap_or("?"),
         plural(count),
         survey.networks.len(),
         plural(survey.networks.len()),
-        match &options.networks {
-            Some(names) => format!(
-                "; serving containers on {} ({} running there)",
-                names.join(", "),
-                survey.served.len()
-            ),
-            None => String::new(),
-        }
     );
     Ok((summary, survey))
+}
+
+/// Which networks' containers the daemon would serve, and a failure when that is none.
+fn check_served_networks(report: &mut Report, options: &DockerOptions, survey: &Survey) {
+    if survey.served_networks.is_empty() {
+        report.fail(
+            NETWORKS,
+            format!(
+                "no Docker network is served ({}), so no container can get a role; a container \
+                 calling from any network is refused",
+                options.networks.describe()
+            ),
+            "listen on the metadata network's address (host mode: `imdsd network up`, then \
+             --listen 169.254.169.254:80; compose: imdsd's address on the network), or name the \
+             networks to serve with --networks",
+        );
+        return;
+    }
+    let names: Vec<&str> = survey.served_networks.iter().map(String::as_str).collect();
+    let others: Vec<&str> = survey
+        .networks
+        .iter()
+        .map(|n| n.name.as_str())
+        .filter(|n| !survey.served_networks.contains(*n) && !["host", "none"].contains(n))
+        .collect();
+    report.pass(
+        NETWORKS,
+        format!(
+            "serving containers on {} ({} running there; chosen as {}); refused from {}",
+            names.join(", "),
+            survey.served.len(),
+            options.networks.describe(),
+            if others.is_empty() {
+                "no other network".to_string()
+            } else {
+                others.join(", ")
+            }
+        ),
+    );
 }
 
 fn plural(n: usize) -> &'static str {
@@ -1267,6 +1286,7 @@ mod tests {
                         "172.17.0.0/16".parse().expect("net"),
                         Some("172.17.0.1".parse().expect("ip")),
                     )],
+                    bridge: Some("docker0".into()),
                 },
                 NetworkInfo {
                     name: "ec2_metadata".into(),
@@ -1274,8 +1294,10 @@ mod tests {
                         "169.254.169.0/24".parse().expect("net"),
                         Some("169.254.169.1".parse().expect("ip")),
                     )],
+                    bridge: Some("br-0123456789ab".into()),
                 },
             ],
+            served_networks: ["ec2_metadata".to_string()].into(),
             holders: [(
                 "169.254.169.254".parse().expect("ip"),
                 ("imdsd-1".to_string(), "ec2_metadata".to_string()),

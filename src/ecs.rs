@@ -208,6 +208,17 @@ impl Ecs {
                 );
             }
             RoleState::Refused(r) => return error(StatusCode::FORBIDDEN, r.code, &r.message),
+            RoleState::Unserved(network) => {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "NetworkNotServed",
+                    &format!(
+                        "this container calls from the Docker network {network}, which imdsd does \
+                         not serve: attach it to the metadata network, or name the network in \
+                         --networks"
+                    ),
+                );
+            }
             RoleState::Pending => {
                 return error(
                     StatusCode::SERVICE_UNAVAILABLE,

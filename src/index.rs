@@ -63,6 +63,9 @@ pub enum Lookup {
     NotAContainer,
     /// Inside a container network, but no running container (that imdsd serves) has the address.
     UnknownContainer,
+    /// Inside a Docker network that imdsd does not serve (one the operator did not attach to the
+    /// metadata service): a container, but never one that gets a role, whoever it is.
+    Unserved(Arc<str>),
     /// The index has not completed its first sync with the engine, so nobody can be told apart.
     NotSynced,
 }
@@ -87,15 +90,41 @@ pub enum IndexEvent {
     Reset,
 }
 
+/// One subnet of a Docker network in view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subnet {
+    /// The network's name.
+    pub network: Arc<str>,
+    pub net: IpNet,
+    /// The network's gateway on this subnet: the host itself, never a container.
+    pub gateway: Option<IpAddr>,
+    /// Whether containers calling from this subnet are served (see `crate::docker::NetworkScope`).
+    pub served: bool,
+}
+
 #[derive(Default)]
 struct State {
     /// Looked up on every request from a container: hashed with foldhash (seeded per process),
     /// as the identity memo is.
     by_ip: foldhash::HashMap<IpAddr, Arc<Container>>,
     by_id: HashMap<String, Arc<Container>>,
-    /// Subnets of the Docker networks in view and their gateways (the host itself).
-    subnets: Vec<IpNet>,
-    gateways: Vec<IpAddr>,
+    /// The subnets of the Docker networks in view.
+    subnets: Vec<Subnet>,
+}
+
+impl State {
+    /// The subnet `ip` belongs to as a container address (a gateway is the host, not a container).
+    fn container_subnet(&self, ip: IpAddr) -> Option<&Subnet> {
+        if self.subnets.iter().any(|s| s.gateway == Some(ip)) {
+            return None;
+        }
+        // A served subnet first: should two networks' subnets overlap, serving is decided by the
+        // one that serves (its containers are in the index; anything else there is unknown).
+        self.subnets
+            .iter()
+            .filter(|s| s.net.contains(&ip))
+            .max_by_key(|s| s.served)
+    }
 }
 
 struct Shared {
@@ -171,8 +200,13 @@ impl Index {
             if ready && let Some(c) = self.lookup(ip) {
                 return Lookup::Container(c);
             }
-            if ready && !self.is_container_address(ip) {
-                return Lookup::NotAContainer;
+            if ready {
+                match self.container_subnet(ip) {
+                    None => return Lookup::NotAContainer,
+                    // Nothing to wait for: no container there is ever served.
+                    Some(s) if !s.served => return Lookup::Unserved(s.network),
+                    Some(_) => {}
+                }
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 if !self.is_ready() {
@@ -180,8 +214,11 @@ impl Index {
                 }
                 return match self.lookup(ip) {
                     Some(c) => Lookup::Container(c),
-                    None if self.is_container_address(ip) => Lookup::UnknownContainer,
-                    None => Lookup::NotAContainer,
+                    None => match self.container_subnet(ip) {
+                        Some(s) if !s.served => Lookup::Unserved(s.network),
+                        Some(_) => Lookup::UnknownContainer,
+                        None => Lookup::NotAContainer,
+                    },
                 };
             }
         }
@@ -190,9 +227,17 @@ impl Index {
     /// True when `ip` lies in a Docker network's subnet and is not its gateway: such a caller is a
     /// container, known or not, and must never be mistaken for the host.
     pub fn is_container_address(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        let state = self.read();
-        !state.gateways.contains(&ip) && state.subnets.iter().any(|n| n.contains(&ip))
+        self.container_subnet(ip).is_some()
+    }
+
+    /// The subnet `ip` lies in as a container address, if any.
+    fn container_subnet(&self, ip: IpAddr) -> Option<Subnet> {
+        self.read().container_subnet(ip.to_canonical()).cloned()
+    }
+
+    /// The subnets of the Docker networks in view, for the admin API and doctor.
+    pub fn subnets(&self) -> Vec<Subnet> {
+        self.read().subnets.clone()
     }
 
     /// Every container, for the admin API and resubscribers.
@@ -291,11 +336,20 @@ impl IndexWriter {
         }
     }
 
-    /// Records the subnets and gateways of the Docker networks in view.
-    pub fn set_networks(&mut self, subnets: Vec<IpNet>, gateways: Vec<IpAddr>) {
-        let mut state = self.shared.state.write().unwrap_or_else(|e| e.into_inner());
-        state.subnets = subnets;
-        state.gateways = gateways.into_iter().map(|g| g.to_canonical()).collect();
+    /// Records the subnets of the Docker networks in view, and wakes waiters: a caller waiting
+    /// on an address may now turn out to be on a network that is not served.
+    pub fn set_networks(&mut self, subnets: Vec<Subnet>) {
+        {
+            let mut state = self.shared.state.write().unwrap_or_else(|e| e.into_inner());
+            state.subnets = subnets
+                .into_iter()
+                .map(|s| Subnet {
+                    gateway: s.gateway.map(|g| g.to_canonical()),
+                    ..s
+                })
+                .collect();
+        }
+        self.shared.changed.notify_waiters();
     }
 
     /// Marks the index as synced (after the first full listing).
@@ -367,12 +421,18 @@ mod tests {
         s.parse().expect("ip")
     }
 
+    fn subnet(network: &str, net: &str, gateway: &str, served: bool) -> Subnet {
+        Subnet {
+            network: network.into(),
+            net: net.parse().expect("net"),
+            gateway: Some(ip(gateway)),
+            served,
+        }
+    }
+
     /// One container network, 10.0.0.0/16 with its gateway at .1, synced and empty.
     fn synced_on_10_0(w: &mut IndexWriter) {
-        w.set_networks(
-            vec!["10.0.0.0/16".parse().expect("net")],
-            vec![ip("10.0.0.1")],
-        );
+        w.set_networks(vec![subnet("net", "10.0.0.0/16", "10.0.0.1", true)]);
         w.apply(Change::Replace(Vec::new()));
         w.set_ready();
     }
@@ -439,10 +499,7 @@ mod tests {
     #[test]
     fn gateways_are_not_containers() {
         let (index, mut w) = index();
-        w.set_networks(
-            vec!["172.18.0.0/16".parse().expect("net")],
-            vec![ip("172.18.0.1")],
-        );
+        w.set_networks(vec![subnet("net", "172.18.0.0/16", "172.18.0.1", true)]);
         assert!(index.is_container_address(ip("172.18.0.7")));
         assert!(!index.is_container_address(ip("172.18.0.1")));
         assert!(!index.is_container_address(ip("127.0.0.1")));
@@ -498,10 +555,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_host_and_strangers_do_not_wait_once_synced() {
         let (index, mut w) = index();
-        w.set_networks(
-            vec!["10.0.0.0/16".parse().expect("net")],
-            vec![ip("10.0.0.1")],
-        );
+        w.set_networks(vec![subnet("net", "10.0.0.0/16", "10.0.0.1", true)]);
         let started = tokio::time::Instant::now();
         let before_sync = tokio::spawn({
             let index = index.clone();
@@ -527,6 +581,45 @@ mod tests {
             assert!(matches!(l, Lookup::NotAContainer), "{host}: {l:?}");
         }
         assert_eq!(started.elapsed(), Duration::from_millis(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_on_a_network_that_is_not_served_is_told_at_once() {
+        let (index, mut w) = index();
+        w.set_networks(vec![
+            subnet("metadata", "169.254.169.0/24", "169.254.169.254", true),
+            subnet("bridge", "172.17.0.0/16", "172.17.0.1", false),
+        ]);
+        w.apply(Change::Replace(vec![container(
+            "a",
+            "t1",
+            &["169.254.169.2"],
+        )]));
+        w.set_ready();
+        let started = tokio::time::Instant::now();
+        let l = index
+            .lookup_or_wait(ip("172.17.0.5"), Duration::from_millis(250))
+            .await;
+        assert!(
+            matches!(&l, Lookup::Unserved(n) if &**n == "bridge"),
+            "{l:?}"
+        );
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "no wait for an unserved network"
+        );
+        // The unserved network's gateway is the host, as any gateway is.
+        let l = index
+            .lookup_or_wait(ip("172.17.0.1"), Duration::from_millis(250))
+            .await;
+        assert!(matches!(l, Lookup::NotAContainer), "{l:?}");
+        // A served network still waits for a container it does not know yet.
+        let l = index
+            .lookup_or_wait(ip("169.254.169.9"), Duration::from_millis(250))
+            .await;
+        assert!(matches!(l, Lookup::UnknownContainer), "{l:?}");
+        assert_eq!(started.elapsed(), Duration::from_millis(250));
     }
 
     #[tokio::test(start_paused = true)]

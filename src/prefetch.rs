@@ -73,6 +73,6 @@ fn lease_for(identity: &Identity, broker: &Broker, c: &Arc<Container>) -> Option
             tracing::warn!(container = %c.name, container_id = %c.short_id(), code = r.code, reason = %r.message, "container asks for a role it may not have");
             None
         }
-        RoleState::None | RoleState::Pending => None,
+        RoleState::None | RoleState::Pending | RoleState::Unserved(_) => None,
     }
 }

@@ -20,7 +20,7 @@ use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::{DockerOptions, DockerStats, kept};
-use crate::index::{Change, Container, IndexWriter};
+use crate::index::{Change, Container, IndexWriter, Subnet};
 
 /// The `--docker-host` prefix that selects this source.
 pub const SCHEME: &str = "synthetic:";
@@ -114,11 +114,21 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     // A /16 prefix is always valid, so the list always holds the one network.
-    let subnets = ipnet::Ipv4Net::new(SUBNET, 16)
+    let subnets: Vec<IpNet> = ipnet::Ipv4Net::new(SUBNET, 16)
         .map(IpNet::V4)
         .into_iter()
         .collect();
-    writer.set_networks(subnets, vec![IpAddr::V4(GATEWAY)]);
+    writer.set_networks(
+        subnets
+            .into_iter()
+            .map(|net| Subnet {
+                network: "bench_default".into(),
+                net,
+                gateway: Some(IpAddr::V4(GATEWAY)),
+                served: true,
+            })
+            .collect(),
+    );
     writer.apply(Change::Replace(
         (0..n).map(|i| container(i, options)).collect(),
     ));
@@ -134,6 +144,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::docker::NetworkScope;
     use crate::identity::container::ContainerRules;
 
     fn options() -> DockerOptions {
@@ -143,7 +154,7 @@ mod tests {
             resync_every: std::time::Duration::from_secs(300),
             env_keys: rules.env_keys(),
             label_keys: rules.label_keys(),
-            networks: None,
+            networks: NetworkScope::All,
         }
     }
 

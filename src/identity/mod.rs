@@ -60,6 +60,9 @@ pub enum RoleState {
     /// The container index has not synced yet, so the caller cannot be told apart from a
     /// container; role routes answer 503, which SDKs retry.
     Pending,
+    /// A container calling from a Docker network imdsd does not serve (named here): no role,
+    /// whoever it is, and the refusal is logged and counted.
+    Unserved(Arc<str>),
 }
 
 impl RoleState {
@@ -93,7 +96,7 @@ impl RoleState {
         match self {
             RoleState::Assigned(a) => Some(a.role_name()),
             RoleState::Refused(r) => Some(&r.name),
-            RoleState::None | RoleState::Pending => None,
+            RoleState::None | RoleState::Pending | RoleState::Unserved(_) => None,
         }
     }
 }
@@ -330,6 +333,16 @@ impl Identity {
                     binding: Binding::new(format!("unknown:{ip}")),
                     container: None,
                     role: RoleState::None,
+                    access_log: RepeatFilter::default(),
+                })
+            }
+            Lookup::Unserved(network) => {
+                tracing::debug!(caller = %ip, network = %network, "a container on a network imdsd does not serve: no role");
+                Arc::new(Workload {
+                    ip,
+                    binding: Binding::new(format!("unserved:{ip}")),
+                    container: None,
+                    role: RoleState::Unserved(network),
                     access_log: RepeatFilter::default(),
                 })
             }
@@ -664,10 +677,12 @@ mod tests {
         )
         .expect("valid");
         let (index, mut writer) = crate::index::index();
-        writer.set_networks(
-            vec!["172.18.0.0/16".parse().expect("net")],
-            vec!["172.18.0.1".parse().expect("ip")],
-        );
+        writer.set_networks(vec![crate::index::Subnet {
+            network: "net".into(),
+            net: "172.18.0.0/16".parse().expect("net"),
+            gateway: Some("172.18.0.1".parse().expect("ip")),
+            served: true,
+        }]);
         writer.apply(crate::index::Change::Replace(Vec::new()));
         writer.set_ready();
         id.attach_index(index);

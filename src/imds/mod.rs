@@ -309,6 +309,7 @@ impl Imds {
                 let (role, refused) = match workload.map(|w| &w.role) {
                     Some(RoleState::Assigned(a)) => (Some(a.request().role_arn.as_str()), None),
                     Some(RoleState::Refused(r)) => (None, Some(r.code)),
+                    Some(RoleState::Unserved(_)) => (None, Some("NetworkNotServed")),
                     _ => (None, None),
                 };
                 tracing::info!(
@@ -620,7 +621,10 @@ impl Imds {
         let r = &self.responder;
         let assignment = match &workload.role {
             RoleState::Assigned(a) => a,
-            RoleState::None => return r.error(StatusCode::NOT_FOUND).into(),
+            // Not attached on purpose: exactly an instance without a role, as far as it can tell.
+            RoleState::None | RoleState::Unserved(_) => {
+                return r.error(StatusCode::NOT_FOUND).into();
+            }
             RoleState::Pending => {
                 tracing::warn!(caller = %workload.ip, "answering 503: the container index has not synced with the Docker Engine yet");
                 return r.error(StatusCode::SERVICE_UNAVAILABLE).into();
