@@ -15,7 +15,7 @@
 //! retryable 503 rather than a possibly stale role. The watcher reconnects with a short backoff and
 //! a full sync makes the index authoritative again.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum};
-use bollard::query_parameters::{EventsOptions, ListContainersOptions, ListNetworksOptions};
+use bollard::query_parameters::{
+    EventsOptions, InspectNetworkOptions, ListContainersOptions, ListNetworksOptions,
+};
 use futures::StreamExt as _;
 use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
@@ -216,6 +218,14 @@ enum SessionError {
     Config(String),
 }
 
+/// The bridge through which a Swarm task reaches its host.
+pub const GATEWAY_BRIDGE: &str = "docker_gwbridge";
+/// The label that names a Swarm task's service.
+const SERVICE_ID_LABEL: &str = "com.docker.swarm.service.id";
+/// Asks from the index (callers it could not place) are answered at most this often: each
+/// answer lists the engine's containers, and a caller must not be able to make imdsd flood it.
+const ASK_INTERVAL: Duration = Duration::from_millis(50);
+
 const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -303,28 +313,14 @@ impl Watcher {
             .saturating_sub(2)
             .to_string();
 
-        let filters: HashMap<String, Vec<String>> = [
-            (
-                "type".to_string(),
-                vec!["container".into(), "network".into()],
-            ),
-            (
-                "event".to_string(),
-                [
-                    "start",
-                    "die",
-                    "destroy",
-                    "rename",
-                    "update",
-                    "connect",
-                    "disconnect",
-                    "create",
-                ]
-                .iter()
-                .map(|s| (*s).to_string())
-                .collect(),
-            ),
-        ]
+        // By type only, never by action: engines name actions differently (Podman says `died`
+        // and `remove` where Docker says `die` and `destroy`, and a Docker-style action filter
+        // makes Podman 4 send neither), and an action imdsd was not told about must reach it to
+        // be put in doubt rather than be silently missed.
+        let filters: HashMap<String, Vec<String>> = [(
+            "type".to_string(),
+            vec!["container".into(), "network".into()],
+        )]
         .into();
         let mut events = docker.events(Some(EventsOptions {
             since: Some(since),
@@ -347,6 +343,10 @@ impl Watcher {
         let mut resync = tokio::time::interval(self.options.resync_every);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await;
+        // Asks from the index are answered at most once per ASK_INTERVAL: `look_at` is when the
+        // pending ones will be.
+        let mut look_at: Option<tokio::time::Instant> = None;
+        let mut last_look = tokio::time::Instant::now() - ASK_INTERVAL;
         loop {
             tokio::select! {
                 event = events.next() => match event {
@@ -358,6 +358,14 @@ impl Watcher {
                     None => return Err((SessionError::StreamEnded, true)),
                 },
                 _ = resync.tick() => self.full_sync(&docker, true).await.map_err(|e| (e, true))?,
+                () = self.writer.asked(), if look_at.is_none() => {
+                    look_at = Some(last_look + ASK_INTERVAL);
+                }
+                () = tokio::time::sleep_until(look_at.unwrap_or(last_look)), if look_at.is_some() => {
+                    look_at = None;
+                    last_look = tokio::time::Instant::now();
+                    self.answer_asks(&docker).await.map_err(|e| (e, true))?;
+                }
             }
         }
     }
@@ -400,6 +408,7 @@ impl Watcher {
                 ..Default::default()
             }))
             .await?;
+        let gateway = self.gateway_endpoints(docker).await?;
         let index = self.writer.reader();
         let mut containers = Vec::with_capacity(running.len());
         for summary in running {
@@ -411,19 +420,22 @@ impl Watcher {
                 .iter()
                 .filter(|(name, _)| self.serves_network(name))
                 .flat_map(|(_, endpoint)| endpoint_addresses(endpoint))
+                .chain(gateway.get(&id).into_iter().flatten().copied())
                 .collect();
             if reuse
                 && let Some(known) = index.get(&id)
                 && known.addresses.iter().copied().collect::<HashSet<_>>() == listed
+                && !known.addresses.iter().any(|a| index.in_doubt(*a))
             {
                 containers.push((*known).clone());
                 continue;
             }
-            if let Some(c) = self.inspect(docker, &id).await? {
+            if let Some(c) = self.inspect_with(docker, &id, &gateway).await? {
                 containers.push(c);
             }
         }
-        self.writer.apply(Change::Replace(containers));
+        // A full listing leaves nothing in doubt.
+        let _ = self.writer.apply(Change::Replace(containers));
         Ok(())
     }
 
@@ -485,29 +497,48 @@ impl Watcher {
         event: EventMessage,
     ) -> Result<(), SessionError> {
         let action = event.action.as_deref().unwrap_or_default();
-        let attributes = event.actor.as_ref().and_then(|a| a.attributes.as_ref());
+        let actor = event.actor.as_ref();
+        let attributes = actor.and_then(|a| a.attributes.as_ref());
         match event.typ {
             Some(EventMessageTypeEnum::CONTAINER) => {
-                let Some(id) = event.actor.as_ref().and_then(|a| a.id.clone()) else {
-                    return Ok(());
+                let Some(id) = actor.and_then(|a| a.id.clone()).filter(|id| !id.is_empty()) else {
+                    // About some container, but which? Everything is in doubt until listed anew.
+                    tracing::warn!(
+                        action,
+                        "a container event without a container id: listing everything again"
+                    );
+                    return self.relist(docker).await;
                 };
-                match action {
+                match container_effect(action) {
                     // Removal needs no round trip: the sooner a dead container's addresses are
                     // released, the smaller the window in which a new one could be mistaken for it.
-                    "die" | "destroy" => self.writer.apply(Change::Remove { id }),
-                    "start" | "rename" | "update" => self.reinspect(docker, &id).await?,
-                    _ => {}
+                    Effect::Remove => self.settle(docker, Change::Remove { id }).await?,
+                    Effect::Reinspect => self.reinspect(docker, &id).await?,
+                    Effect::Ignore => {}
+                    Effect::Unknown => {
+                        tracing::info!(action, container = %short(&id), "an event imdsd does not know: asking the engine about the container again");
+                        self.settle(docker, Change::Doubt { id: id.clone() })
+                            .await?;
+                        self.reinspect(docker, &id).await?;
+                    }
                 }
             }
             Some(EventMessageTypeEnum::NETWORK) => match action {
                 "connect" | "disconnect" => {
-                    if let Some(id) = attributes.and_then(|a| a.get("container")) {
-                        self.reinspect(docker, &id.clone()).await?;
+                    // Docker names the container in an attribute (the actor is the network);
+                    // Podman makes the container the actor and names no network.
+                    let id = attributes
+                        .and_then(|a| a.get("container"))
+                        .or_else(|| actor.and_then(|a| a.id.as_ref()))
+                        .cloned();
+                    match id {
+                        Some(id) => self.reinspect(docker, &id).await?,
+                        None => return self.relist(docker).await,
                     }
                 }
                 // Listed again in the guard; when the served networks changed with it, the
                 // containers are filtered anew.
-                "create" | "destroy" if self.refresh_networks(docker).await? => {
+                "create" | "destroy" | "remove" if self.refresh_networks(docker).await? => {
                     self.full_sync(docker, false).await?;
                 }
                 _ => {}
@@ -517,27 +548,236 @@ impl Watcher {
         Ok(())
     }
 
+    /// Everything in doubt until the engine has been listed again: callers wait (bounded) rather
+    /// than be served from what the index held.
+    async fn relist(&mut self, docker: &Docker) -> Result<(), SessionError> {
+        self.writer.set_unready();
+        self.full_sync(docker, false).await?;
+        self.writer.set_ready();
+        Ok(())
+    }
+
     async fn reinspect(&mut self, docker: &Docker, id: &str) -> Result<(), SessionError> {
-        match self.inspect(docker, id).await? {
-            Some(c) => self.writer.apply(Change::Upsert(c)),
-            None => self.writer.apply(Change::Remove { id: id.to_string() }),
+        let change = match self.inspect(docker, id).await? {
+            Some(c) => Change::Upsert(c),
+            None => Change::Remove { id: id.to_string() },
+        };
+        self.settle(docker, change).await
+    }
+
+    /// Applies `change`, then asks the engine again about every container the index is in doubt
+    /// about because of it (one that lost an address before it was seen to stop), until nothing
+    /// is in doubt. A container that would be asked about twice stays in doubt, with a warning:
+    /// two running containers claiming one address is not something to guess about.
+    async fn settle(&mut self, docker: &Docker, change: Change) -> Result<(), SessionError> {
+        let mut doubtful: VecDeque<String> = self.writer.apply(change).into();
+        let mut asked = HashSet::new();
+        while let Some(id) = doubtful.pop_front() {
+            if !asked.insert(id.clone()) {
+                tracing::warn!(container = %short(&id), "the engine gives an address of this container to another one too; its addresses stay unserved until that changes");
+                continue;
+            }
+            let change = match self.inspect(docker, &id).await? {
+                Some(c) => Change::Upsert(c),
+                None => Change::Remove { id },
+            };
+            doubtful.extend(self.writer.apply(change));
         }
         Ok(())
     }
 
-    /// The container if it is running (and on a served network), `None` if it is not.
-    async fn inspect(&self, docker: &Docker, id: &str) -> Result<Option<Container>, SessionError> {
+    /// Answers the index's asks: finds the running containers that hold the addresses callers
+    /// came from (one listing, then an inspect of each that holds one), and asks again about
+    /// the owners the index is in doubt about.
+    async fn answer_asks(&mut self, docker: &Docker) -> Result<(), SessionError> {
+        let asked = self.writer.take_asks();
+        if asked.is_empty() {
+            return Ok(());
+        }
         self.count(1);
-        self.stats.inspects.fetch_add(1, Ordering::Relaxed);
-        match docker.inspect_container(id, None).await {
-            Ok(details) => Ok(to_container(details, &self.options, &self.served)),
-            // Gone between the event and the inspect.
+        self.stats.lists.fetch_add(1, Ordering::Relaxed);
+        let running = docker
+            .list_containers(Some(ListContainersOptions {
+                all: false,
+                ..Default::default()
+            }))
+            .await?;
+        let gateway = self.gateway_endpoints(docker).await?;
+        let index = self.writer.reader();
+        let mut ids: Vec<String> = Vec::new();
+        for summary in running {
+            let Some(id) = summary.id else { continue };
+            let holds = summary
+                .network_settings
+                .and_then(|n| n.networks)
+                .unwrap_or_default()
+                .iter()
+                .filter(|(name, _)| self.serves_network(name))
+                .flat_map(|(_, e)| endpoint_addresses(e))
+                .chain(gateway.get(&id).into_iter().flatten().copied())
+                .any(|a| asked.contains(&a.to_canonical()));
+            if holds && !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        // An owner in doubt is asked about whether or not the listing shows it.
+        for ip in &asked {
+            if let Some(owner) = index.owner_in_doubt(*ip)
+                && !ids.contains(&owner.id)
+            {
+                ids.push(owner.id.clone());
+            }
+        }
+        for id in ids {
+            self.reinspect(docker, &id).await?;
+        }
+        Ok(())
+    }
+
+    /// A Swarm task's address on `docker_gwbridge`, by container id: the engine lists it only in
+    /// that network's own record, never in the container's (moby/libnetwork #1082, #2417). Empty
+    /// unless `docker_gwbridge` is served.
+    async fn gateway_endpoints(
+        &self,
+        docker: &Docker,
+    ) -> Result<HashMap<String, Vec<IpAddr>>, SessionError> {
+        if !self.serves_network(GATEWAY_BRIDGE) {
+            return Ok(HashMap::new());
+        }
+        self.count(1);
+        match docker
+            .inspect_network(GATEWAY_BRIDGE, None::<InspectNetworkOptions>)
+            .await
+        {
+            Ok(n) => Ok(gateway_bridge_endpoints(&n)),
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
-            }) => Ok(None),
+            }) => Ok(HashMap::new()),
             Err(e) => Err(e.into()),
         }
     }
+
+    /// The container if it is running (and on a served network), `None` if it is not.
+    async fn inspect(&self, docker: &Docker, id: &str) -> Result<Option<Container>, SessionError> {
+        let gateway = self.gateway_endpoints(docker).await?;
+        self.inspect_with(docker, id, &gateway).await
+    }
+
+    /// [`Watcher::inspect`] with the `docker_gwbridge` endpoints already read.
+    async fn inspect_with(
+        &self,
+        docker: &Docker,
+        id: &str,
+        gateway: &HashMap<String, Vec<IpAddr>>,
+    ) -> Result<Option<Container>, SessionError> {
+        self.count(1);
+        self.stats.inspects.fetch_add(1, Ordering::Relaxed);
+        let mut details = match docker.inspect_container(id, None).await {
+            Ok(details) => details,
+            // Gone between the event and the inspect.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        self.add_service_labels(docker, &mut details).await?;
+        Ok(to_container(details, &self.options, &self.served, gateway))
+    }
+
+    /// A Swarm task takes the labels of its service (`docker service create --label`) under its
+    /// own: a role set on the service selects it for every task, as a container label would.
+    async fn add_service_labels(
+        &self,
+        docker: &Docker,
+        details: &mut ContainerInspectResponse,
+    ) -> Result<(), SessionError> {
+        let Some(config) = details.config.as_mut() else {
+            return Ok(());
+        };
+        let Some(service) = config
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_ID_LABEL))
+            .filter(|s| !s.is_empty())
+            .cloned()
+        else {
+            return Ok(());
+        };
+        self.count(1);
+        let spec_labels = match docker.inspect_service(&service, None).await {
+            Ok(s) => s.spec.and_then(|s| s.labels).unwrap_or_default(),
+            // The service is gone (its tasks are going): nothing to add.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let labels = config.labels.get_or_insert_with(HashMap::new);
+        for (k, v) in spec_labels {
+            labels.entry(k).or_insert(v);
+        }
+        Ok(())
+    }
+}
+
+/// What a container event means for the index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    /// The container stopped or is gone: its addresses are released at once.
+    Remove,
+    /// The container may have started, moved or changed: the engine is asked again.
+    Reinspect,
+    /// Nothing that changes who holds an address.
+    Ignore,
+    /// An action imdsd does not know: the container's addresses are in doubt until it has asked.
+    Unknown,
+}
+
+/// Reads a container event's action, Docker's and Podman's names alike (`die`/`died`,
+/// `destroy`/`remove`). Actions carry details after a colon (`exec_start: sh -c …`,
+/// `health_status: healthy`).
+fn container_effect(action: &str) -> Effect {
+    let verb = action.split(':').next().unwrap_or_default().trim();
+    match verb {
+        "die" | "died" | "destroy" | "remove" | "stop" | "exited" => Effect::Remove,
+        "start" | "restart" | "create" | "init" | "rename" | "update" | "kill" | "oom"
+        | "pause" | "unpause" | "cleanup" | "checkpoint" | "restore" | "refresh" | "sync" => {
+            Effect::Reinspect
+        }
+        "attach" | "detach" | "commit" | "copy" | "archive-path" | "extract-to-dir" | "export"
+        | "exec_create" | "exec_start" | "exec_die" | "exec_detach" | "exec" | "exec_died"
+        | "health_status" | "resize" | "top" | "mount" | "unmount" => Effect::Ignore,
+        _ => Effect::Unknown,
+    }
+}
+
+/// The 12-character form of a container id, for logs.
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// Every container's addresses in a `docker_gwbridge` record (`Containers`: id → endpoint with
+/// `IPv4Address` in CIDR form). Keys that are not container ids (`ingress-sbox`) find no
+/// container and are harmless.
+pub fn gateway_bridge_endpoints(
+    network: &bollard::models::NetworkInspect,
+) -> HashMap<String, Vec<IpAddr>> {
+    network
+        .containers
+        .iter()
+        .flatten()
+        .map(|(id, endpoint)| {
+            let addresses = [
+                endpoint.ipv4_address.as_deref(),
+                endpoint.ipv6_address.as_deref(),
+            ]
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.split('/').next()?.parse().ok())
+            .collect();
+            (id.clone(), addresses)
+        })
+        .collect()
 }
 
 /// The first address after the network address (`10.0.0.1` in `10.0.0.0/24`, `fd00::1` in
@@ -554,11 +794,14 @@ fn endpoint_addresses(e: &bollard::models::EndpointSettings) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Converts an inspect response into what the index keeps.
+/// Converts an inspect response into what the index keeps: only the addresses on `served`
+/// networks, and a Swarm task's `docker_gwbridge` address from `gateway` (container id →
+/// addresses) when that bridge is served.
 pub(crate) fn to_container(
     details: ContainerInspectResponse,
     options: &DockerOptions,
     served: &BTreeSet<String>,
+    gateway: &HashMap<String, Vec<IpAddr>>,
 ) -> Option<Container> {
     let state = details.state?;
     if state.running != Some(true) || state.restarting == Some(true) {
@@ -581,6 +824,13 @@ pub(crate) fn to_container(
         }
         addresses.extend(endpoint_addresses(&endpoint));
         networks.push(name);
+    }
+    if served.contains(GATEWAY_BRIDGE)
+        && let Some(bridged) = gateway.get(&id).filter(|a| !a.is_empty())
+        && !networks.iter().any(|n| n == GATEWAY_BRIDGE)
+    {
+        addresses.extend(bridged);
+        networks.push(GATEWAY_BRIDGE.to_string());
     }
     if networks.is_empty() {
         // On no served network: it cannot be told apart by an address imdsd serves.
@@ -696,6 +946,7 @@ mod tests {
             details(true, &[("net", "172.18.0.2")]),
             &options(),
             &served(&["net"]),
+            &HashMap::new(),
         )
         .expect("running");
         assert_eq!(c.name, "web_1");
@@ -723,7 +974,8 @@ mod tests {
             to_container(
                 details(false, &[("net", "172.18.0.2")]),
                 &options(),
-                &served(&["net"])
+                &served(&["net"]),
+                &HashMap::new(),
             )
             .is_none()
         );
@@ -732,11 +984,62 @@ mod tests {
     #[test]
     fn the_network_filter_keeps_only_served_networks() {
         let d = details(true, &[("served", "172.18.0.2"), ("other", "172.19.0.2")]);
-        let c = to_container(d, &options(), &served(&["served"])).expect("on a served network");
+        let c = to_container(d, &options(), &served(&["served"]), &HashMap::new())
+            .expect("on a served network");
         assert_eq!(c.networks, vec!["served".to_string()]);
         assert_eq!(c.addresses.len(), 1);
         let d = details(true, &[("other", "172.19.0.2")]);
-        assert!(to_container(d, &options(), &served(&["served"])).is_none());
+        assert!(to_container(d, &options(), &served(&["served"]), &HashMap::new()).is_none());
+    }
+
+    #[test]
+    fn docker_and_podman_events_are_read_alike_and_unknown_ones_are_not_ignored() {
+        for (action, effect) in [
+            ("die", Effect::Remove),
+            ("died", Effect::Remove),
+            ("destroy", Effect::Remove),
+            ("remove", Effect::Remove),
+            ("stop", Effect::Remove),
+            ("start", Effect::Reinspect),
+            ("restart", Effect::Reinspect),
+            ("cleanup", Effect::Reinspect),
+            ("kill", Effect::Reinspect),
+            ("rename", Effect::Reinspect),
+            ("exec_start: sh -c true", Effect::Ignore),
+            ("health_status: healthy", Effect::Ignore),
+            ("attach", Effect::Ignore),
+            ("teleport", Effect::Unknown),
+            ("", Effect::Unknown),
+        ] {
+            assert_eq!(container_effect(action), effect, "{action:?}");
+        }
+    }
+
+    #[test]
+    fn a_swarm_tasks_gateway_bridge_address_is_its_own() {
+        let gwbridge: bollard::models::NetworkInspect = serde_json::from_value(serde_json::json!({
+            "Name": "docker_gwbridge",
+            "Containers": {
+                "f".repeat(64): {"Name": "gateway_46310f696a14", "IPv4Address": "172.18.0.3/16", "IPv6Address": ""},
+                "ingress-sbox": {"Name": "gateway_ingress-sbox", "IPv4Address": "172.18.0.2/16"}
+            }
+        }))
+        .expect("a network record");
+        let endpoints = gateway_bridge_endpoints(&gwbridge);
+        assert_eq!(endpoints[&"f".repeat(64)], vec![ip("172.18.0.3")]);
+        // The task's own record lists only its overlay network, which is not served.
+        let task = details(true, &[("ov1", "169.254.201.3")]);
+        let c = to_container(
+            task.clone(),
+            &options(),
+            &served(&[GATEWAY_BRIDGE]),
+            &endpoints,
+        )
+        .expect("served through docker_gwbridge");
+        assert_eq!(c.addresses, vec![ip("172.18.0.3")]);
+        assert_eq!(c.networks, vec![GATEWAY_BRIDGE.to_string()]);
+        // Unless docker_gwbridge is served, the bridge's record is not used.
+        assert!(to_container(task, &options(), &served(&["other"]), &endpoints).is_none());
     }
 
     fn network(name: &str, subnet: &str, gateway: &str, bridge: &str) -> NetworkInfo {

@@ -481,9 +481,12 @@ async fn survey(options: &DockerOptions) -> Result<(String, Survey), String> {
         }
         match tokio::time::timeout(DOCKER_TIMEOUT, docker.inspect_container(&id, None)).await {
             Ok(Ok(details)) => {
-                if let Some(c) =
-                    crate::docker::to_container(details, options, &survey.served_networks)
-                {
+                if let Some(c) = crate::docker::to_container(
+                    details,
+                    options,
+                    &survey.served_networks,
+                    &HashMap::new(),
+                ) {
                     survey.served.push(c);
                 }
             }

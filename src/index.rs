@@ -13,11 +13,18 @@
 //! container is removed, its addresses are released only if they still point at it, so a late event
 //! for a dead container can never take an address away from the live one that reused it, and a new
 //! container on a recycled address replaces the old mapping outright.
+//!
+//! Doubt: an address whose owner the index is no longer sure of (its container lost another
+//! address to a newcomer before it was seen to stop, or an event about it was not understood) is
+//! *in doubt*: it is looked up as nobody's until the watcher has asked the engine again. A caller
+//! the index cannot place (an address in a served network that no known container owns) makes the
+//! index [`ask`](Index::ask) the watcher to look now, rather than only wait for an event: some
+//! engines (Podman) deliver events a quarter of a second late.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -73,12 +80,15 @@ pub enum Lookup {
 /// A change to apply.
 #[derive(Debug, Clone)]
 pub enum Change {
-    /// A container started, changed networks, or was renamed.
+    /// A container started, changed networks, or was renamed: what the engine says of it now.
     Upsert(Container),
     /// A container stopped or disappeared.
     Remove { id: String },
     /// A full listing: replaces everything (after a (re)connect or a periodic resync).
     Replace(Vec<Container>),
+    /// Something happened to this container that the index cannot judge (an event it does not
+    /// understand): its addresses are nobody's until the engine is asked about it again.
+    Doubt { id: String },
 }
 
 /// What readers can subscribe to, e.g. to prefetch credentials for new containers.
@@ -106,7 +116,7 @@ pub struct Subnet {
 struct State {
     /// Looked up on every request from a container: hashed with foldhash (seeded per process),
     /// as the identity memo is.
-    by_ip: foldhash::HashMap<IpAddr, Arc<Container>>,
+    by_ip: foldhash::HashMap<IpAddr, Owner>,
     by_id: HashMap<String, Arc<Container>>,
     /// The subnets of the Docker networks in view.
     subnets: Vec<Subnet>,
@@ -127,8 +137,28 @@ impl State {
     }
 }
 
+/// The container an address belongs to.
+struct Owner {
+    container: Arc<Container>,
+    /// The index is not sure the address is still this container's: it is nobody's until the
+    /// engine has been asked (see the module notes).
+    in_doubt: bool,
+}
+
+impl Owner {
+    fn certain(container: Arc<Container>) -> Self {
+        Owner {
+            container,
+            in_doubt: false,
+        }
+    }
+}
+
 struct Shared {
     state: RwLock<State>,
+    /// Addresses callers came from that the index could not place, for the watcher to look up.
+    asks: Mutex<Vec<IpAddr>>,
+    asked: Notify,
     changed: Notify,
     generation: AtomicU64,
     ready: AtomicBool,
@@ -156,11 +186,16 @@ impl std::fmt::Debug for Index {
     }
 }
 
+/// Addresses waiting to be looked up by the watcher, at most.
+const MAX_ASKS: usize = 256;
+
 /// A new, empty index and its writer.
 pub fn index() -> (Index, IndexWriter) {
     let (events, _) = broadcast::channel(1024);
     let shared = Arc::new(Shared {
         state: RwLock::new(State::default()),
+        asks: Mutex::new(Vec::new()),
+        asked: Notify::new(),
         changed: Notify::new(),
         generation: AtomicU64::new(0),
         ready: AtomicBool::new(false),
@@ -178,7 +213,29 @@ pub fn index() -> (Index, IndexWriter) {
 impl Index {
     /// The container that owns `ip`, if the index knows one.
     pub fn lookup(&self, ip: IpAddr) -> Option<Arc<Container>> {
-        self.read().by_ip.get(&ip.to_canonical()).cloned()
+        self.read()
+            .by_ip
+            .get(&ip.to_canonical())
+            .filter(|o| !o.in_doubt)
+            .map(|o| o.container.clone())
+    }
+
+    /// Asks the watcher to find out now who owns `ip` (an address in a served network that the
+    /// index cannot place), instead of waiting for the engine's next event. Asks are merged; the
+    /// watcher answers them at a bounded rate.
+    pub fn ask(&self, ip: IpAddr) {
+        let ip = ip.to_canonical();
+        {
+            let mut asks = self.shared.asks.lock().unwrap_or_else(|e| e.into_inner());
+            if asks.contains(&ip) {
+                return;
+            }
+            // Bounded: a flood of strangers cannot grow it; the watcher's look finds them all.
+            if asks.len() < MAX_ASKS {
+                asks.push(ip);
+            }
+        }
+        self.shared.asked.notify_one();
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Container>> {
@@ -192,6 +249,7 @@ impl Index {
     pub async fn lookup_or_wait(&self, ip: IpAddr, timeout: Duration) -> Lookup {
         let ip = ip.to_canonical();
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut asked = false;
         loop {
             let changed = self.shared.changed.notified();
             tokio::pin!(changed);
@@ -205,6 +263,11 @@ impl Index {
                     None => return Lookup::NotAContainer,
                     // Nothing to wait for: no container there is ever served.
                     Some(s) if !s.served => return Lookup::Unserved(s.network),
+                    Some(_) if !asked => {
+                        // A container the index does not know (yet), or no longer trusts.
+                        self.ask(ip);
+                        asked = true;
+                    }
                     Some(_) => {}
                 }
             }
@@ -238,6 +301,23 @@ impl Index {
     /// The subnets of the Docker networks in view, for the admin API and doctor.
     pub fn subnets(&self) -> Vec<Subnet> {
         self.read().subnets.clone()
+    }
+
+    /// The container that held `ip` when the index fell in doubt about it, if it is.
+    pub fn owner_in_doubt(&self, ip: IpAddr) -> Option<Arc<Container>> {
+        self.read()
+            .by_ip
+            .get(&ip.to_canonical())
+            .filter(|o| o.in_doubt)
+            .map(|o| o.container.clone())
+    }
+
+    /// Whether the owner of `ip` is in doubt (for the admin API and tests).
+    pub fn in_doubt(&self, ip: IpAddr) -> bool {
+        self.read()
+            .by_ip
+            .get(&ip.to_canonical())
+            .is_some_and(|o| o.in_doubt)
     }
 
     /// Every container, for the admin API and resubscribers.
@@ -287,31 +367,54 @@ impl Index {
 }
 
 impl IndexWriter {
-    /// Applies one change and wakes everyone waiting for one.
-    pub fn apply(&mut self, change: Change) {
+    /// Applies one change and wakes everyone waiting for one. Returns the ids of containers
+    /// the index is now in doubt about, for the watcher to ask the engine about again.
+    #[must_use = "the engine must be asked again about the containers in doubt"]
+    pub fn apply(&mut self, change: Change) -> Vec<String> {
         let mut events = Vec::new();
+        let mut doubtful = Vec::new();
         {
             let mut state = self.shared.state.write().unwrap_or_else(|e| e.into_inner());
             match change {
                 Change::Upsert(container) => {
                     let container = Arc::new(container);
-                    if let Some(old) = remove(&mut state, &container.id) {
-                        if *old == *container {
-                            // Nothing changed; keep the existing entry and its identity.
+                    match remove(&mut state, &container.id) {
+                        Some(old) if *old == *container => {
+                            // Nothing changed; keep the existing entry and its identity (and
+                            // what the engine just said settles any doubt about it).
                             insert(&mut state, old);
-                            return;
                         }
-                        events.push(IndexEvent::Removed(old));
+                        Some(old) => {
+                            events.push(IndexEvent::Removed(old));
+                            events.push(IndexEvent::Added(container.clone()));
+                            insert(&mut state, container.clone());
+                        }
+                        None => {
+                            events.push(IndexEvent::Added(container.clone()));
+                            insert(&mut state, container.clone());
+                        }
                     }
-                    for displaced in insert(&mut state, container.clone()) {
+                    // The engine gives an address to one running container: if another still
+                    // held it here, that one stopped unseen, and what else it holds is suspect.
+                    let displaced: Vec<Arc<Container>> = state
+                        .by_id
+                        .values()
+                        .filter(|c| {
+                            c.id != container.id
+                                && c.addresses.iter().any(|a| container.addresses.contains(a))
+                        })
+                        .cloned()
+                        .collect();
+                    for d in displaced {
                         tracing::warn!(
-                            container = %displaced.name,
-                            id = %displaced.short_id(),
+                            container = %d.name,
+                            id = %d.short_id(),
                             now = %container.name,
-                            "an address moved to another container before its previous owner was seen to stop"
+                            "an address moved to another container before its previous owner was seen to stop; its other addresses are not served until the engine confirms it"
                         );
+                        doubt(&mut state, &d.id);
+                        doubtful.push(d.id.clone());
                     }
-                    events.push(IndexEvent::Added(container));
                 }
                 Change::Remove { id } => {
                     if let Some(old) = remove(&mut state, &id) {
@@ -326,6 +429,11 @@ impl IndexWriter {
                     }
                     events.push(IndexEvent::Reset);
                 }
+                Change::Doubt { id } => {
+                    if doubt(&mut state, &id) {
+                        doubtful.push(id);
+                    }
+                }
             }
         }
         self.shared.generation.fetch_add(1, Ordering::AcqRel);
@@ -334,6 +442,18 @@ impl IndexWriter {
             // Nobody listening is fine.
             let _ = self.shared.events.send(e);
         }
+        doubtful
+    }
+
+    /// Waits until a reader [asks](Index::ask) about an address (returns at once if one did
+    /// since the last [`IndexWriter::take_asks`]).
+    pub async fn asked(&self) {
+        self.shared.asked.notified().await;
+    }
+
+    /// The addresses readers asked about since the last call.
+    pub fn take_asks(&mut self) -> Vec<IpAddr> {
+        std::mem::take(&mut *self.shared.asks.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Records the subnets of the Docker networks in view, and wakes waiters: a caller waiting
@@ -374,18 +494,14 @@ impl IndexWriter {
     }
 }
 
-/// Adds `c`; returns containers that lost an address to it.
-fn insert(state: &mut State, c: Arc<Container>) -> Vec<Arc<Container>> {
-    let mut displaced = Vec::new();
+/// Adds `c`, which owns its addresses from now on, certainly.
+fn insert(state: &mut State, c: Arc<Container>) {
     for ip in &c.addresses {
-        if let Some(previous) = state.by_ip.insert(ip.to_canonical(), c.clone())
-            && previous.id != c.id
-        {
-            displaced.push(previous);
-        }
+        state
+            .by_ip
+            .insert(ip.to_canonical(), Owner::certain(c.clone()));
     }
     state.by_id.insert(c.id.clone(), c);
-    displaced
 }
 
 /// Removes the container `id`, releasing only the addresses that still point at it.
@@ -393,11 +509,32 @@ fn remove(state: &mut State, id: &str) -> Option<Arc<Container>> {
     let old = state.by_id.remove(id)?;
     for ip in &old.addresses {
         let ip = ip.to_canonical();
-        if state.by_ip.get(&ip).is_some_and(|c| c.id == old.id) {
+        if state
+            .by_ip
+            .get(&ip)
+            .is_some_and(|o| o.container.id == old.id)
+        {
             state.by_ip.remove(&ip);
         }
     }
     Some(old)
+}
+
+/// Puts the addresses container `id` still owns in doubt; false if it owns none.
+fn doubt(state: &mut State, id: &str) -> bool {
+    let Some(c) = state.by_id.get(id).cloned() else {
+        return false;
+    };
+    let mut any = false;
+    for ip in &c.addresses {
+        if let Some(o) = state.by_ip.get_mut(&ip.to_canonical())
+            && o.container.id == c.id
+        {
+            o.in_doubt = true;
+            any = true;
+        }
+    }
+    any
 }
 
 #[cfg(test)]
@@ -433,14 +570,14 @@ mod tests {
     /// One container network, 10.0.0.0/16 with its gateway at .1, synced and empty.
     fn synced_on_10_0(w: &mut IndexWriter) {
         w.set_networks(vec![subnet("net", "10.0.0.0/16", "10.0.0.1", true)]);
-        w.apply(Change::Replace(Vec::new()));
+        let _ = w.apply(Change::Replace(Vec::new()));
         w.set_ready();
     }
 
     #[test]
     fn upsert_then_remove() {
         let (index, mut w) = index();
-        w.apply(Change::Upsert(container(
+        let _ = w.apply(Change::Upsert(container(
             "a",
             "t1",
             &["10.0.0.2", "fd00::2"],
@@ -451,7 +588,7 @@ mod tests {
             index.lookup(ip("::ffff:10.0.0.2")).expect("mapped v4").name,
             "name-a"
         );
-        w.apply(Change::Remove {
+        let _ = w.apply(Change::Remove {
             id: format!("{:0<64}", "a"),
         });
         assert!(index.lookup(ip("10.0.0.2")).is_none());
@@ -461,12 +598,12 @@ mod tests {
     #[test]
     fn a_recycled_address_belongs_to_the_new_container_even_when_the_old_ones_death_arrives_late() {
         let (index, mut w) = index();
-        w.apply(Change::Upsert(container("a", "t1", &["10.0.0.2"])));
+        let _ = w.apply(Change::Upsert(container("a", "t1", &["10.0.0.2"])));
         // B starts on A's address before A's removal is processed.
-        w.apply(Change::Upsert(container("b", "t2", &["10.0.0.2"])));
+        let _ = w.apply(Change::Upsert(container("b", "t2", &["10.0.0.2"])));
         assert_eq!(index.lookup(ip("10.0.0.2")).expect("known").name, "name-b");
         // A's late removal does not take the address from B.
-        w.apply(Change::Remove {
+        let _ = w.apply(Change::Remove {
             id: format!("{:0<64}", "a"),
         });
         assert_eq!(
@@ -476,21 +613,106 @@ mod tests {
     }
 
     #[test]
+    fn a_container_that_lost_an_address_unseen_is_in_doubt_until_the_engine_answers() {
+        let (index, mut w) = index();
+        // A holds two addresses; B starts on one of them before A's stop was seen.
+        let _ = w.apply(Change::Upsert(container(
+            "a",
+            "t1",
+            &["10.0.0.2", "10.0.1.2"],
+        )));
+        let doubtful = w.apply(Change::Upsert(container("b", "t2", &["10.0.0.2"])));
+        assert_eq!(
+            doubtful,
+            vec![format!("{:0<64}", "a")],
+            "the watcher must ask about A"
+        );
+        assert_eq!(index.lookup(ip("10.0.0.2")).expect("B's").name, "name-b");
+        // A's other address is nobody's until the engine has been asked.
+        assert!(index.lookup(ip("10.0.1.2")).is_none());
+        assert!(index.in_doubt(ip("10.0.1.2")));
+        assert_eq!(
+            index.owner_in_doubt(ip("10.0.1.2")).expect("held").name,
+            "name-a"
+        );
+        // The engine says A is gone: its address is released, nothing is in doubt any more.
+        let doubtful = w.apply(Change::Remove {
+            id: format!("{:0<64}", "a"),
+        });
+        assert!(doubtful.is_empty());
+        assert!(!index.in_doubt(ip("10.0.1.2")));
+        assert_eq!(
+            index.lookup(ip("10.0.0.2")).expect("still B").name,
+            "name-b"
+        );
+    }
+
+    #[test]
+    fn an_event_not_understood_puts_the_container_in_doubt_and_its_record_settles_it() {
+        let (index, mut w) = index();
+        let a = container("a", "t1", &["10.0.0.2"]);
+        let _ = w.apply(Change::Upsert(a.clone()));
+        let generation = index.generation();
+        let doubtful = w.apply(Change::Doubt { id: a.id.clone() });
+        assert_eq!(doubtful, vec![a.id.clone()]);
+        assert!(
+            index.lookup(ip("10.0.0.2")).is_none(),
+            "not served while in doubt"
+        );
+        assert!(index.generation() > generation, "connections look again");
+        // The engine's record, even unchanged, settles it.
+        let _ = w.apply(Change::Upsert(a));
+        assert_eq!(
+            index.lookup(ip("10.0.0.2")).expect("A's again").name,
+            "name-a"
+        );
+        // Doubt about a container the index does not hold is nothing to ask about.
+        assert!(w.apply(Change::Doubt { id: "gone".into() }).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_the_index_cannot_place_asks_the_watcher_once() {
+        let (index, mut w) = index();
+        synced_on_10_0(&mut w);
+        let waiter = tokio::spawn({
+            let index = index.clone();
+            async move {
+                index
+                    .lookup_or_wait(ip("10.0.0.9"), Duration::from_millis(250))
+                    .await
+            }
+        });
+        tokio::time::timeout(Duration::from_millis(10), w.asked())
+            .await
+            .expect("asked at once, not after the wait");
+        assert_eq!(w.take_asks(), vec![ip("10.0.0.9")]);
+        // The watcher's answer ends the wait.
+        let _ = w.apply(Change::Upsert(container("late", "t1", &["10.0.0.9"])));
+        let found = waiter.await.expect("join");
+        assert!(matches!(found, Lookup::Container(c) if c.name == "name-late"));
+        assert!(w.take_asks().is_empty(), "asked once");
+        // Repeated asks for one address are one.
+        index.ask(ip("10.0.0.7"));
+        index.ask(ip("10.0.0.7"));
+        assert_eq!(w.take_asks(), vec![ip("10.0.0.7")]);
+    }
+
+    #[test]
     fn a_restart_is_a_new_incarnation() {
         let a1 = container("a", "t1", &["10.0.0.2"]);
         let a2 = container("a", "t2", &["10.0.0.2"]);
         assert_ne!(a1.binding(), a2.binding());
         let (index, mut w) = index();
-        w.apply(Change::Upsert(a1));
-        w.apply(Change::Upsert(a2.clone()));
+        let _ = w.apply(Change::Upsert(a1));
+        let _ = w.apply(Change::Upsert(a2.clone()));
         assert_eq!(*index.lookup(ip("10.0.0.2")).expect("known"), a2);
     }
 
     #[test]
     fn replace_swaps_everything_and_drops_the_missing() {
         let (index, mut w) = index();
-        w.apply(Change::Upsert(container("a", "t1", &["10.0.0.2"])));
-        w.apply(Change::Replace(vec![container("b", "t1", &["10.0.0.3"])]));
+        let _ = w.apply(Change::Upsert(container("a", "t1", &["10.0.0.2"])));
+        let _ = w.apply(Change::Replace(vec![container("b", "t1", &["10.0.0.3"])]));
         assert!(index.lookup(ip("10.0.0.2")).is_none());
         assert!(index.lookup(ip("10.0.0.3")).is_some());
         assert_eq!(index.len(), 1);
@@ -518,7 +740,7 @@ mod tests {
             }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        w.apply(Change::Upsert(container("late", "t1", &["10.0.0.9"])));
+        let _ = w.apply(Change::Upsert(container("late", "t1", &["10.0.0.9"])));
         let found = waiter.await.expect("join");
         assert!(matches!(found, Lookup::Container(c) if c.name == "name-late"));
     }
@@ -539,7 +761,7 @@ mod tests {
         // Unrelated changes wake the waiter but do not end the wait early.
         for i in 0..5 {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            w.apply(Change::Upsert(container(
+            let _ = w.apply(Change::Upsert(container(
                 &format!("o{i}"),
                 "t",
                 &[&format!("10.0.1.{i}")],
@@ -566,7 +788,7 @@ mod tests {
             }
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        w.apply(Change::Replace(Vec::new()));
+        let _ = w.apply(Change::Replace(Vec::new()));
         w.set_ready();
         // The wait ended with the first sync, not at the deadline.
         assert!(matches!(
@@ -590,7 +812,7 @@ mod tests {
             subnet("metadata", "169.254.169.0/24", "169.254.169.254", true),
             subnet("bridge", "172.17.0.0/16", "172.17.0.1", false),
         ]);
-        w.apply(Change::Replace(vec![container(
+        let _ = w.apply(Change::Replace(vec![container(
             "a",
             "t1",
             &["169.254.169.2"],
@@ -625,7 +847,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_disconnected_index_serves_nobody_until_it_resyncs() {
         let (index, mut w) = index();
-        w.apply(Change::Replace(vec![container("a", "t1", &["10.0.0.2"])]));
+        let _ = w.apply(Change::Replace(vec![container("a", "t1", &["10.0.0.2"])]));
         w.set_ready();
         assert!(matches!(
             index.lookup_or_wait(ip("10.0.0.2"), Duration::ZERO).await,
@@ -636,7 +858,7 @@ mod tests {
             .lookup_or_wait(ip("10.0.0.2"), Duration::from_millis(250))
             .await;
         assert!(matches!(l, Lookup::NotSynced), "{l:?}");
-        w.apply(Change::Replace(vec![container("a", "t1", &["10.0.0.2"])]));
+        let _ = w.apply(Change::Replace(vec![container("a", "t1", &["10.0.0.2"])]));
         w.set_ready();
         assert!(matches!(
             index.lookup_or_wait(ip("10.0.0.2"), Duration::ZERO).await,
@@ -657,8 +879,8 @@ mod tests {
     async fn subscribers_hear_about_changes() {
         let (index, mut w) = index();
         let mut rx = index.subscribe();
-        w.apply(Change::Upsert(container("a", "t1", &["10.0.0.2"])));
-        w.apply(Change::Remove {
+        let _ = w.apply(Change::Upsert(container("a", "t1", &["10.0.0.2"])));
+        let _ = w.apply(Change::Remove {
             id: format!("{:0<64}", "a"),
         });
         assert!(matches!(rx.recv().await, Ok(IndexEvent::Added(c)) if c.name == "name-a"));

@@ -129,7 +129,8 @@ pub async fn run(
             })
             .collect(),
     );
-    writer.apply(Change::Replace(
+    // A full listing leaves nothing in doubt.
+    let _ = writer.apply(Change::Replace(
         (0..n).map(|i| container(i, options)).collect(),
     ));
     stats.connected.store(true, Ordering::Release);

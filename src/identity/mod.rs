@@ -683,7 +683,7 @@ mod tests {
             gateway: Some("172.18.0.1".parse().expect("ip")),
             served: true,
         }]);
-        writer.apply(crate::index::Change::Replace(Vec::new()));
+        let _ = writer.apply(crate::index::Change::Replace(Vec::new()));
         writer.set_ready();
         id.attach_index(index);
         (id, writer)
@@ -692,13 +692,13 @@ mod tests {
     #[tokio::test]
     async fn containers_get_their_own_role_and_strangers_get_none() {
         let (id, mut w) = with_index(Some("fallback"), ContainerRules::default());
-        w.apply(crate::index::Change::Upsert(ctr(
+        let _ = w.apply(crate::index::Change::Upsert(ctr(
             "a",
             "172.18.0.2",
             &[("IAM_ROLE", "app-a"), ("IAM_EXTERNAL_ID", "x-1")],
             &[],
         )));
-        w.apply(crate::index::Change::Upsert(ctr(
+        let _ = w.apply(crate::index::Change::Upsert(ctr(
             "b",
             "172.18.0.3",
             &[],
@@ -743,7 +743,7 @@ mod tests {
         let role = |w: &Workload| w.role.assignment().map(|a| a.role_name().to_string());
         // Not in the index yet: nothing now, and nothing kept.
         assert!(id.resolve_now_on(ip, &connection).is_none());
-        w.apply(crate::index::Change::Upsert(ctr(
+        let _ = w.apply(crate::index::Change::Upsert(ctr(
             "a",
             "172.18.0.2",
             &[("IAM_ROLE", "app-a")],
@@ -758,10 +758,10 @@ mod tests {
         assert!(Arc::ptr_eq(&first, &again));
         // Another container on the address (a restart with another role): the index changed,
         // so the connection looks again.
-        w.apply(crate::index::Change::Remove {
+        let _ = w.apply(crate::index::Change::Remove {
             id: format!("{:0<64}", "a"),
         });
-        w.apply(crate::index::Change::Upsert(ctr(
+        let _ = w.apply(crate::index::Change::Upsert(ctr(
             "b",
             "172.18.0.2",
             &[("IAM_ROLE", "app-b")],
@@ -770,7 +770,7 @@ mod tests {
         let after = id.resolve_now_on(ip, &connection).expect("known");
         assert_eq!(role(&after).as_deref(), Some("app-b"));
         // Gone: not served from what the connection kept.
-        w.apply(crate::index::Change::Remove {
+        let _ = w.apply(crate::index::Change::Remove {
             id: format!("{:0<64}", "b"),
         });
         assert!(id.resolve_now_on(ip, &connection).is_none());
@@ -779,17 +779,17 @@ mod tests {
     #[tokio::test]
     async fn a_new_incarnation_on_the_same_address_is_a_new_workload() {
         let (id, mut w) = with_index(None, ContainerRules::default());
-        w.apply(crate::index::Change::Upsert(ctr(
+        let _ = w.apply(crate::index::Change::Upsert(ctr(
             "a",
             "172.18.0.2",
             &[("IAM_ROLE", "role-a")],
             &[],
         )));
         let first = id.resolve("172.18.0.2".parse().expect("ip")).await;
-        w.apply(crate::index::Change::Remove {
+        let _ = w.apply(crate::index::Change::Remove {
             id: format!("{:0<64}", "a"),
         });
-        w.apply(crate::index::Change::Upsert(ctr(
+        let _ = w.apply(crate::index::Change::Upsert(ctr(
             "b",
             "172.18.0.2",
             &[("IAM_ROLE", "role-b")],
@@ -810,13 +810,13 @@ mod tests {
             ..ContainerRules::default()
         };
         let (id, mut w) = with_index(Some("fallback"), rules);
-        w.apply(crate::index::Change::Upsert(ctr(
+        let _ = w.apply(crate::index::Change::Upsert(ctr(
             "a",
             "172.18.0.2",
             &[("IAM_ROLE", "admin")],
             &[],
         )));
-        w.apply(crate::index::Change::Upsert(ctr(
+        let _ = w.apply(crate::index::Change::Upsert(ctr(
             "b",
             "172.18.0.3",
             &[("IAM_ROLE", "app-b"), ("IAM_POLICY", "{not json")],
