@@ -216,6 +216,67 @@ async fn a_container_without_a_role_gets_the_default_role_or_a_404() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_container_on_a_network_imdsd_does_not_serve_gets_no_role_until_named() {
+    docker::require_docker();
+    let metadata = TestNetwork::create("served");
+    let other = TestNetwork::create("unattached");
+    let docker_host = "unix:///var/run/docker.sock";
+    // No --networks: the network whose gateway imdsd listens on is served, and only that one.
+    let d = Daemon::start_on(
+        &format!("{}:0", metadata.gateway),
+        &[
+            "--fake-credentials",
+            "--docker-host",
+            docker_host,
+            "--default-role",
+            "fallback",
+        ],
+        tempfile::tempdir().expect("tempdir"),
+    )
+    .await;
+    let index = d.index.clone().expect("the daemon follows Docker");
+    eventually(Duration::from_secs(20), "the first sync", || index.is_ready()).await;
+    let endpoint = format!("http://{}", d.addr);
+
+    // Attached: its own role.
+    let (exit, logs) = run_to_completion(
+        &RunOpts::new(&metadata, "attached")
+            .env("IAM_ROLE", "role-a")
+            .args(probe_args(&endpoint, &[])),
+        RUN_TIMEOUT,
+    );
+    assert_eq!(exit, 0, "{logs}");
+    assert_eq!(probe_output(&logs)["role"], "role-a");
+
+    // On another network, it reaches imdsd's address through the host's routing, and is
+    // refused: neither its own IAM_ROLE nor the default role.
+    let listing = format!("{endpoint}/latest/meta-data/iam/security-credentials/");
+    let (exit, logs) = run_to_completion(
+        &RunOpts::new(&other, "stranger")
+            .env("IAM_ROLE", "role-a")
+            .entrypoint("/bin/busybox")
+            .args(["wget", "-S", "-q", "-O", "-", &listing]),
+        RUN_TIMEOUT,
+    );
+    assert_ne!(exit, 0, "{logs}");
+    assert!(logs.contains("404"), "an unattached container has no role: {logs}");
+    assert!(!logs.contains("fallback") && !logs.contains("role-a"), "{logs}");
+    drop(d);
+
+    // Named in --networks, the other network is served too.
+    let both = format!("{},{}", metadata.name, other.name);
+    let d = fake_daemon(&metadata, docker_host, &["--networks", &both]).await;
+    let (exit, logs) = run_to_completion(
+        &RunOpts::new(&other, "named")
+            .env("IAM_ROLE", "role-b")
+            .args(probe_args(&format!("http://{}", d.addr), &[])),
+        RUN_TIMEOUT,
+    );
+    assert_eq!(exit, 0, "{logs}");
+    assert_eq!(probe_output(&logs)["role"], "role-b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_role_outside_the_allow_list_is_refused_without_an_sts_call() {
     docker::require_docker();
     let net = TestNetwork::create("allow");

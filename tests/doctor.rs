@@ -162,8 +162,6 @@ fn a_good_setup_passes_every_check() {
             &gateway,
             "--docker-host",
             DOCKER_SOCKET,
-            "--networks",
-            &net.name,
             "demo-role",
         ],
         &[],
@@ -176,12 +174,19 @@ fn a_good_setup_passes_every_check() {
         docker_line.contains("Docker Engine") && docker_line.contains("running container"),
         "{docker_line}"
     );
+    // Without --networks, the network whose gateway imdsd listens on is the one served, and
+    // the default bridge (reachable through the host's routing) is named as refused.
+    let networks_line = o.one("PASS", "networks");
     assert!(
-        docker_line.contains(&format!(
-            "serving containers on {} (1 running there)",
+        networks_line.contains(&format!(
+            "serving containers on {} (1 running there",
             net.name
         )),
-        "{docker_line}"
+        "{networks_line}"
+    );
+    assert!(
+        networks_line.contains("refused from") && networks_line.contains("bridge"),
+        "{networks_line}"
     );
     assert!(o.one("PASS", "identity").contains("fake"), "{o}");
     let roles = o.lines("PASS", "roles");
