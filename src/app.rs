@@ -143,7 +143,8 @@ impl App {
             ),
         }
 
-        let listeners = server::bind_all(&config.listen).await.map_err(|e| {
+        let ahead = gateways_to_bind_ahead(&config).await;
+        let listeners = server::bind_all_ahead(&config.listen, &ahead).await.map_err(|e| {
             if e.is_configuration {
                 StartError::config(e.to_string())
             } else {
@@ -168,7 +169,9 @@ impl App {
             None => None,
         };
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
-        let ecs_listeners = server::bind_all(&config.ecs_listen).await.map_err(|e| {
+        let ecs_listeners = server::bind_all_ahead(&config.ecs_listen, &ahead)
+            .await
+            .map_err(|e| {
             if e.is_configuration {
                 StartError::config(format!("--ecs-listen: {e}"))
             } else {
@@ -380,4 +383,45 @@ async fn build_source(
             Ok((Arc::new(source), accounts))
         }
     }
+}
+
+/// Listen addresses that are not on this host yet but are the gateway of one of the engine's
+/// networks: Podman (netavark) puts a network's gateway on its bridge only while a container is
+/// attached, so in the host layout imdsd binds it ahead and answers once it appears. Any other
+/// missing address stays an error that says how to add it.
+async fn gateways_to_bind_ahead(config: &Config) -> Vec<std::net::IpAddr> {
+    let Some(docker) = &config.docker else {
+        return Vec::new();
+    };
+    let local: Vec<std::net::IpAddr> = crate::docker::local_addresses()
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .collect();
+    let missing: Vec<std::net::IpAddr> = config
+        .listen
+        .iter()
+        .chain(&config.ecs_listen)
+        .map(SocketAddr::ip)
+        .filter(|ip| !ip.is_unspecified() && !local.contains(ip))
+        .collect();
+    if missing.is_empty() {
+        return Vec::new();
+    }
+    let gateways = match crate::docker::network_gateways(docker).await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot list the engine's networks before binding");
+            return Vec::new();
+        }
+    };
+    missing
+        .into_iter()
+        .filter(|ip| {
+            let network = gateways.iter().find(|(_, g)| g == ip).map(|(n, _)| n);
+            if let Some(network) = network {
+                tracing::info!(address = %ip, network = %network, "listening ahead on the gateway of a network whose bridge is not up yet (Podman brings it up with the first container)");
+            }
+            network.is_some()
+        })
+        .collect()
 }

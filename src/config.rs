@@ -265,8 +265,9 @@ pub struct Cli {
     )]
     pub forwarded_for: Option<String>,
 
-    /// Docker Engine to follow: unix:///path, tcp://host:port, or "none" for no containers
-    /// (DOCKER_URL is read too). [default: unix:///var/run/docker.sock when it exists]
+    /// Docker Engine (or rootful Podman) to follow: unix:///path, tcp://host:port, or "none" for
+    /// no containers (DOCKER_URL and Podman's CONTAINER_HOST are read too). [default:
+    /// unix:///var/run/docker.sock, else unix:///run/podman/podman.sock, when it exists]
     #[arg(help_heading = "Docker", long, env = "DOCKER_HOST", value_name = "URL")]
     pub docker_host: Option<String>,
 
@@ -1731,6 +1732,12 @@ fn resolve_containers(
                 .filter(|s| !s.trim().is_empty())
                 .map(|s| (s, Origin::Env("DOCKER_URL")))
         })
+        // Podman's own name for the same thing.
+        .or_else(|| {
+            env("CONTAINER_HOST")
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| (s, Origin::Env("CONTAINER_HOST")))
+        })
         .or_else(|| {
             file.docker_host
                 .clone()
@@ -1748,6 +1755,10 @@ fn resolve_containers(
         None if Path::new(DEFAULT_DOCKER_SOCKET).exists() => {
             Some(format!("unix://{DEFAULT_DOCKER_SOCKET}"))
         }
+        // Rootful Podman's Docker-compatible API, where Docker is not installed.
+        None if Path::new(DEFAULT_PODMAN_SOCKET).exists() => {
+            Some(format!("unix://{DEFAULT_PODMAN_SOCKET}"))
+        }
         None => None,
     };
     let docker = host.map(|host| DockerOptions {
@@ -1761,6 +1772,7 @@ fn resolve_containers(
 }
 
 const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+const DEFAULT_PODMAN_SOCKET: &str = "/run/podman/podman.sock";
 
 /// What Docker accepts as a network name (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`).
 fn valid_network_name(name: &str) -> bool {

@@ -371,22 +371,7 @@ impl Watcher {
     }
 
     async fn connect(&self) -> Result<Docker, SessionError> {
-        let host = self.options.host.as_str();
-        let docker = if let Some(path) = host.strip_prefix("unix://") {
-            Docker::connect_with_unix(path, 30, bollard::API_DEFAULT_VERSION)?
-        } else if host.starts_with("tcp://") || host.starts_with("http://") {
-            Docker::connect_with_http(
-                &host.replacen("tcp://", "http://", 1),
-                30,
-                bollard::API_DEFAULT_VERSION,
-            )?
-        } else {
-            return Err(SessionError::Config(format!(
-                "{host:?} is not a Docker host URL (unix:///path, tcp://host:port or http://host:port)"
-            )));
-        };
-        // Speak the engine's own API version, so old engines (API 1.41) work.
-        Ok(docker.negotiate_version().await?)
+        connect(&self.options.host).await
     }
 
     fn count(&self, calls: u64) {
@@ -717,6 +702,48 @@ impl Watcher {
             labels.entry(k).or_insert(v);
         }
         Ok(())
+    }
+}
+
+async fn connect(host: &str) -> Result<Docker, SessionError> {
+    let docker = if let Some(path) = host.strip_prefix("unix://") {
+        Docker::connect_with_unix(path, 30, bollard::API_DEFAULT_VERSION)?
+    } else if host.starts_with("tcp://") || host.starts_with("http://") {
+        Docker::connect_with_http(
+            &host.replacen("tcp://", "http://", 1),
+            30,
+            bollard::API_DEFAULT_VERSION,
+        )?
+    } else {
+        return Err(SessionError::Config(format!(
+            "{host:?} is not a Docker host URL (unix:///path, tcp://host:port or http://host:port)"
+        )));
+    };
+    // Speak the engine's own API version, so old engines (API 1.41) work.
+    Ok(docker.negotiate_version().await?)
+}
+
+/// Every network's gateways (network name, gateway), asked once, before the watcher runs.
+pub async fn network_gateways(options: &DockerOptions) -> Result<Vec<(String, IpAddr)>, String> {
+    let ask = async {
+        let docker = connect(&options.host).await?;
+        let listed = docker.list_networks(None::<ListNetworksOptions>).await?;
+        Ok::<_, SessionError>(
+            listed
+                .iter()
+                .filter_map(NetworkInfo::from_model)
+                .flat_map(|n| {
+                    n.subnets
+                        .into_iter()
+                        .filter_map(move |(_, g)| g.map(|g| (n.name.clone(), g)))
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+        )
+    };
+    match tokio::time::timeout(Duration::from_secs(5), ask).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err("no answer within 5 s".into()),
     }
 }
 

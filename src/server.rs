@@ -66,11 +66,45 @@ pub struct BindError {
 
 /// Binds every address, or explains the first that fails.
 pub async fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, BindError> {
+    bind_all_ahead(addrs, &[]).await
+}
+
+/// [`bind_all`], where the addresses in `ahead` may be bound before they are addresses of this
+/// host (`IP_FREEBIND`): the gateway of a Podman network, which netavark puts on the network's
+/// bridge only while a container is attached. The listener answers as soon as it appears.
+pub async fn bind_all_ahead(
+    addrs: &[SocketAddr],
+    ahead: &[IpAddr],
+) -> Result<Vec<TcpListener>, BindError> {
     let mut listeners = Vec::with_capacity(addrs.len());
     for addr in addrs {
-        listeners.push(bind(*addr).await?);
+        let listener = if ahead.contains(&addr.ip()) {
+            bind_ahead(*addr)
+        } else {
+            bind(*addr).await
+        };
+        listeners.push(listener?);
     }
     Ok(listeners)
+}
+
+fn bind_ahead(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let listen = || -> io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        if addr.is_ipv4() {
+            socket.set_freebind_v4(true)?;
+        } else {
+            socket.set_only_v6(true)?;
+            socket.set_freebind_v6(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    };
+    listen().map_err(|e| explain_bind_error(addr, &e))
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
