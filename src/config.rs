@@ -2254,6 +2254,22 @@ mod tests {
     }
 
     #[test]
+    fn the_systemd_unit_is_sandboxed_to_an_exposure_of_two_or_less() {
+        let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/imdsd.service");
+        // The threshold is on systemd's 0-100 scale: 20 is an exposure level of 2.0.
+        let out = std::process::Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--threshold=20", "--no-pager", unit])
+            .output()
+            .expect("systemd-analyze (Debian's systemd package) checks the unit's sandbox");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let overall = text
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .unwrap_or_else(|| panic!("no overall exposure in:\n{text}"));
+        assert!(out.status.success(), "{overall}\n{text}");
+    }
+
+    #[test]
     fn proxy_mode_is_configured_and_checked() {
         let c = config(&[
             "--mode",
