@@ -2258,7 +2258,13 @@ mod tests {
         let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/imdsd.service");
         // The threshold is on systemd's 0-100 scale: 20 is an exposure level of 2.0.
         let out = std::process::Command::new("systemd-analyze")
-            .args(["security", "--offline=yes", "--threshold=20", "--no-pager", unit])
+            .args([
+                "security",
+                "--offline=yes",
+                "--threshold=20",
+                "--no-pager",
+                unit,
+            ])
             .output()
             .expect("systemd-analyze (Debian's systemd package) checks the unit's sandbox");
         let text = String::from_utf8_lossy(&out.stdout);
