@@ -27,6 +27,7 @@ use bollard::query_parameters::{
     EventsOptions, InspectNetworkOptions, ListContainersOptions, ListNetworksOptions,
 };
 use futures::StreamExt as _;
+use futures::future::BoxFuture;
 use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 
@@ -343,28 +344,46 @@ impl Watcher {
         let mut resync = tokio::time::interval(self.options.resync_every);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await;
+        let mut work = Work::default();
         // Asks from the index are answered at most once per ASK_INTERVAL: `look_at` is when the
         // pending ones will be.
         let mut look_at: Option<tokio::time::Instant> = None;
         let mut last_look = tokio::time::Instant::now() - ASK_INTERVAL;
         loop {
+            work.start_queued(&docker, self);
             tokio::select! {
+                // Events first: a removal is applied the moment it is read, never behind an
+                // inspect (a dead container's address must be released before anything else).
+                biased;
                 event = events.next() => match event {
                     Some(Ok(event)) => {
                         self.stats.events_applied.fetch_add(1, Ordering::Relaxed);
-                        self.apply_event(&docker, event).await.map_err(|e| (e, true))?;
+                        work.seq += 1;
+                        self.apply_event(&docker, event, &mut work).await.map_err(|e| (e, true))?;
                     }
                     Some(Err(e)) => return Err((e.into(), true)),
                     None => return Err((SessionError::StreamEnded, true)),
                 },
-                _ = resync.tick() => self.full_sync(&docker, true).await.map_err(|e| (e, true))?,
+                Some(done) = work.inflight.next() => {
+                    self.finish(done, &mut work).map_err(|e| (e, true))?;
+                }
+                _ = resync.tick() => {
+                    work.seq += 1;
+                    self.full_sync(&docker, true).await.map_err(|e| (e, true))?;
+                    // What was in flight was asked before the listing: the listing is newer.
+                    work.forget_before(work.seq);
+                }
                 () = self.writer.asked(), if look_at.is_none() => {
                     look_at = Some(last_look + ASK_INTERVAL);
                 }
                 () = tokio::time::sleep_until(look_at.unwrap_or(last_look)), if look_at.is_some() => {
                     look_at = None;
                     last_look = tokio::time::Instant::now();
-                    self.answer_asks(&docker).await.map_err(|e| (e, true))?;
+                    let asked = self.writer.take_asks();
+                    if !asked.is_empty() {
+                        work.seq += 1;
+                        work.look(&docker, self, asked);
+                    }
                 }
             }
         }
@@ -393,7 +412,7 @@ impl Watcher {
                 ..Default::default()
             }))
             .await?;
-        let gateway = self.gateway_endpoints(docker).await?;
+        let gateway = gateway_endpoints(docker, &self.served, &self.stats).await?;
         let index = self.writer.reader();
         let mut containers = Vec::with_capacity(running.len());
         for summary in running {
@@ -415,7 +434,9 @@ impl Watcher {
                 containers.push((*known).clone());
                 continue;
             }
-            if let Some(c) = self.inspect_with(docker, &id, &gateway).await? {
+            let record =
+                fetch_record(docker, &id, &self.served, &self.stats, Some(&gateway)).await?;
+            if let Some(c) = record.and_then(|r| self.to_container(r)) {
                 containers.push(c);
             }
         }
@@ -426,6 +447,10 @@ impl Watcher {
 
     fn serves_network(&self, name: &str) -> bool {
         self.served.contains(name)
+    }
+
+    fn to_container(&self, record: Record) -> Option<Container> {
+        to_container(record.details, &self.options, &self.served, &record.gateway)
     }
 
     /// Lists the networks: their subnets tell container callers from the host, and the scope
@@ -476,10 +501,12 @@ impl Watcher {
         Ok(true)
     }
 
+    /// Applies one event: removals at once, everything else by asking the engine (in `work`).
     async fn apply_event(
         &mut self,
         docker: &Docker,
         event: EventMessage,
+        work: &mut Work,
     ) -> Result<(), SessionError> {
         let action = event.action.as_deref().unwrap_or_default();
         let actor = event.actor.as_ref();
@@ -492,39 +519,51 @@ impl Watcher {
                         action,
                         "a container event without a container id: listing everything again"
                     );
-                    return self.relist(docker).await;
+                    return self.relist(docker, work).await;
                 };
                 match container_effect(action) {
                     // Removal needs no round trip: the sooner a dead container's addresses are
                     // released, the smaller the window in which a new one could be mistaken for it.
-                    Effect::Remove => self.settle(docker, Change::Remove { id }).await?,
-                    Effect::Reinspect => self.reinspect(docker, &id).await?,
+                    Effect::Remove => {
+                        work.removed(&id);
+                        self.apply(Change::Remove { id }, work);
+                    }
+                    Effect::Reinspect => work.inspect(id),
                     Effect::Ignore => {}
                     Effect::Unknown => {
                         tracing::info!(action, container = %short(&id), "an event imdsd does not know: asking the engine about the container again");
-                        self.settle(docker, Change::Doubt { id: id.clone() })
-                            .await?;
-                        self.reinspect(docker, &id).await?;
+                        self.apply(Change::Doubt { id: id.clone() }, work);
+                        work.inspect(id);
                     }
                 }
             }
             Some(EventMessageTypeEnum::NETWORK) => match action {
                 "connect" | "disconnect" => {
-                    // Docker names the container in an attribute (the actor is the network);
-                    // Podman makes the container the actor and names no network.
-                    let id = attributes
-                        .and_then(|a| a.get("container"))
+                    // Docker names the container in an attribute (the actor is the network, and
+                    // `name` is the network's name); Podman makes the container the actor and
+                    // names no network.
+                    let docker_style = attributes.and_then(|a| a.get("container"));
+                    let network = docker_style.and(attributes.and_then(|a| a.get("name")));
+                    let id = docker_style
                         .or_else(|| actor.and_then(|a| a.id.as_ref()))
                         .cloned();
-                    match id {
-                        Some(id) => self.reinspect(docker, &id).await?,
-                        None => return self.relist(docker).await,
+                    let Some(id) = id else {
+                        return self.relist(docker, work).await;
+                    };
+                    // A network imdsd does not serve changes nothing for a container it does
+                    // not hold; anything else is asked about.
+                    let irrelevant = network.is_some_and(|n| !self.serves_network(n))
+                        && self.writer.reader().get(&id).is_none()
+                        && network.is_none_or(|n| n != GATEWAY_BRIDGE);
+                    if !irrelevant {
+                        work.inspect(id);
                     }
                 }
                 // Listed again in the guard; when the served networks changed with it, the
                 // containers are filtered anew.
                 "create" | "destroy" | "remove" if self.refresh_networks(docker).await? => {
                     self.full_sync(docker, false).await?;
+                    work.forget_before(work.seq);
                 }
                 _ => {}
             },
@@ -535,174 +574,297 @@ impl Watcher {
 
     /// Everything in doubt until the engine has been listed again: callers wait (bounded) rather
     /// than be served from what the index held.
-    async fn relist(&mut self, docker: &Docker) -> Result<(), SessionError> {
+    async fn relist(&mut self, docker: &Docker, work: &mut Work) -> Result<(), SessionError> {
         self.writer.set_unready();
         self.full_sync(docker, false).await?;
+        work.forget_before(work.seq);
         self.writer.set_ready();
         Ok(())
     }
 
-    async fn reinspect(&mut self, docker: &Docker, id: &str) -> Result<(), SessionError> {
-        let change = match self.inspect(docker, id).await? {
-            Some(c) => Change::Upsert(c),
-            None => Change::Remove { id: id.to_string() },
-        };
-        self.settle(docker, change).await
+    /// Applies `change`; every container the index is in doubt about because of it (one that
+    /// lost an address before it was seen to stop) is asked about again — once: a container
+    /// displaced again by the answer stays in doubt, with a warning (two running containers
+    /// claiming one address is not something to guess about).
+    fn apply(&mut self, change: Change, work: &mut Work) {
+        for id in self.writer.apply(change) {
+            if work.displaced.insert(id.clone()) {
+                work.inspect(id);
+            } else {
+                tracing::warn!(container = %short(&id), "the engine gives an address of this container to another one too; its addresses stay unserved until that changes");
+            }
+        }
     }
 
-    /// Applies `change`, then asks the engine again about every container the index is in doubt
-    /// about because of it (one that lost an address before it was seen to stop), until nothing
-    /// is in doubt. A container that would be asked about twice stays in doubt, with a warning:
-    /// two running containers claiming one address is not something to guess about.
-    async fn settle(&mut self, docker: &Docker, change: Change) -> Result<(), SessionError> {
-        let mut doubtful: VecDeque<String> = self.writer.apply(change).into();
-        let mut asked = HashSet::new();
-        while let Some(id) = doubtful.pop_front() {
-            if !asked.insert(id.clone()) {
-                tracing::warn!(container = %short(&id), "the engine gives an address of this container to another one too; its addresses stay unserved until that changes");
-                continue;
+    /// Applies what the engine answered, unless something newer about the same container has
+    /// happened since it was asked.
+    fn finish(&mut self, done: Done, work: &mut Work) -> Result<(), SessionError> {
+        match done {
+            Done::Inspected {
+                id,
+                asked_at,
+                record,
+            } => {
+                if !work.is_current(&id, asked_at) {
+                    return Ok(());
+                }
+                let change = match record?.and_then(|r| self.to_container(*r)) {
+                    Some(c) => Change::Upsert(c),
+                    None => Change::Remove { id },
+                };
+                self.apply(change, work);
             }
-            let change = match self.inspect(docker, &id).await? {
-                Some(c) => Change::Upsert(c),
-                None => Change::Remove { id },
-            };
-            doubtful.extend(self.writer.apply(change));
+            Done::Listed { asked, holders } => {
+                let index = self.writer.reader();
+                let mut ids = holders?;
+                // An owner in doubt is asked about whether or not the listing shows it.
+                for ip in &asked {
+                    if let Some(owner) = index.owner_in_doubt(*ip) {
+                        ids.push(owner.id.clone());
+                    }
+                }
+                for id in ids {
+                    work.inspect(id);
+                }
+            }
         }
         Ok(())
     }
+}
 
-    /// Answers the index's asks: finds the running containers that hold the addresses callers
-    /// came from (one listing, then an inspect of each that holds one), and asks again about
-    /// the owners the index is in doubt about.
-    async fn answer_asks(&mut self, docker: &Docker) -> Result<(), SessionError> {
-        let asked = self.writer.take_asks();
-        if asked.is_empty() {
-            return Ok(());
+/// What the engine said of one container: its record, and the `docker_gwbridge` endpoints when
+/// that bridge is served.
+struct Record {
+    details: ContainerInspectResponse,
+    gateway: HashMap<String, Vec<IpAddr>>,
+}
+
+/// A finished round trip to the engine.
+enum Done {
+    Inspected {
+        id: String,
+        /// The event sequence number when it was asked.
+        asked_at: u64,
+        record: Result<Option<Box<Record>>, SessionError>,
+    },
+    Listed {
+        asked: Vec<IpAddr>,
+        /// The running containers that hold one of the asked addresses.
+        holders: Result<Vec<String>, SessionError>,
+    },
+}
+
+/// Round trips to the engine in flight, and what is needed to apply their answers in order.
+///
+/// Every event bumps `seq`. An inspect remembers the `seq` it was asked at; its answer is applied
+/// only if it is the latest asked for that container and the container was not removed after it
+/// was asked (a record taken before a container died must not bring it back).
+#[derive(Default)]
+struct Work {
+    seq: u64,
+    inflight: futures::stream::FuturesUnordered<BoxFuture<'static, Done>>,
+    /// Containers to inspect when a slot frees (beyond `MAX_INFLIGHT`), oldest first.
+    queued: VecDeque<(String, u64)>,
+    /// The latest `seq` an inspect was asked at, per container.
+    latest: HashMap<String, u64>,
+    /// The `seq` of each container's last removal, while inspects asked before it may be out.
+    removed_at: HashMap<String, u64>,
+    /// Containers asked about because they were displaced, since the last quiet moment.
+    displaced: HashSet<String>,
+}
+
+/// Round trips to the engine at once: enough to keep up with a busy host, few enough not to
+/// flood the engine.
+const MAX_INFLIGHT: usize = 16;
+
+impl Work {
+    fn inspect(&mut self, id: String) {
+        self.latest.insert(id.clone(), self.seq);
+        self.queued.push_back((id, self.seq));
+    }
+
+    fn removed(&mut self, id: &str) {
+        self.removed_at.insert(id.to_string(), self.seq);
+    }
+
+    fn is_current(&mut self, id: &str, asked_at: u64) -> bool {
+        let latest = self.latest.get(id).copied();
+        let removed_after = self.removed_at.get(id).is_some_and(|r| *r > asked_at);
+        if latest == Some(asked_at) {
+            self.latest.remove(id);
         }
-        self.count(1);
-        self.stats.lists.fetch_add(1, Ordering::Relaxed);
-        let running = docker
-            .list_containers(Some(ListContainersOptions {
-                all: false,
-                ..Default::default()
-            }))
-            .await?;
-        let gateway = self.gateway_endpoints(docker).await?;
-        let index = self.writer.reader();
-        let mut ids: Vec<String> = Vec::new();
-        for summary in running {
-            let Some(id) = summary.id else { continue };
+        latest == Some(asked_at) && !removed_after
+    }
+
+    /// A full listing at `seq` made every answer asked before it stale.
+    fn forget_before(&mut self, seq: u64) {
+        self.latest.retain(|_, asked| *asked >= seq);
+        self.queued.retain(|(_, asked)| *asked >= seq);
+    }
+
+    fn start_queued(&mut self, docker: &Docker, watcher: &Watcher) {
+        while self.inflight.len() < MAX_INFLIGHT
+            && let Some((id, asked_at)) = self.queued.pop_front()
+        {
+            if self.latest.get(&id) != Some(&asked_at) {
+                continue; // asked again since: only the latest goes out
+            }
+            let (docker, served, stats) = (
+                docker.clone(),
+                watcher.served.clone(),
+                watcher.stats.clone(),
+            );
+            self.inflight.push(Box::pin(async move {
+                let record = fetch_record(&docker, &id, &served, &stats, None)
+                    .await
+                    .map(|r| r.map(Box::new));
+                Done::Inspected {
+                    id,
+                    asked_at,
+                    record,
+                }
+            }));
+        }
+        if self.inflight.is_empty() && self.queued.is_empty() {
+            // Quiet: nothing asked before now can come back.
+            self.removed_at.clear();
+            self.displaced.clear();
+        }
+    }
+
+    /// Finds the running containers that hold `asked` (one listing), to be inspected.
+    fn look(&mut self, docker: &Docker, watcher: &Watcher, asked: Vec<IpAddr>) {
+        let (docker, served, stats) = (
+            docker.clone(),
+            watcher.served.clone(),
+            watcher.stats.clone(),
+        );
+        self.inflight.push(Box::pin(async move {
+            let holders = holders_of(&docker, &served, &stats, &asked).await;
+            Done::Listed { asked, holders }
+        }));
+    }
+}
+
+/// The running containers that hold one of `asked` on a served network (or on
+/// `docker_gwbridge`), by id.
+async fn holders_of(
+    docker: &Docker,
+    served: &BTreeSet<String>,
+    stats: &DockerStats,
+    asked: &[IpAddr],
+) -> Result<Vec<String>, SessionError> {
+    stats.api_calls.fetch_add(1, Ordering::Relaxed);
+    stats.lists.fetch_add(1, Ordering::Relaxed);
+    let running = docker
+        .list_containers(Some(ListContainersOptions {
+            all: false,
+            ..Default::default()
+        }))
+        .await?;
+    let gateway = gateway_endpoints(docker, served, stats).await?;
+    Ok(running
+        .into_iter()
+        .filter_map(|summary| {
+            let id = summary.id?;
             let holds = summary
                 .network_settings
                 .and_then(|n| n.networks)
                 .unwrap_or_default()
                 .iter()
-                .filter(|(name, _)| self.serves_network(name))
+                .filter(|(name, _)| served.contains(*name))
                 .flat_map(|(_, e)| endpoint_addresses(e))
                 .chain(gateway.get(&id).into_iter().flatten().copied())
                 .any(|a| asked.contains(&a.to_canonical()));
-            if holds && !ids.contains(&id) {
-                ids.push(id);
-            }
-        }
-        // An owner in doubt is asked about whether or not the listing shows it.
-        for ip in &asked {
-            if let Some(owner) = index.owner_in_doubt(*ip)
-                && !ids.contains(&owner.id)
-            {
-                ids.push(owner.id.clone());
-            }
-        }
-        for id in ids {
-            self.reinspect(docker, &id).await?;
-        }
-        Ok(())
-    }
+            holds.then_some(id)
+        })
+        .collect())
+}
 
-    /// A Swarm task's address on `docker_gwbridge`, by container id: the engine lists it only in
-    /// that network's own record, never in the container's (moby/libnetwork #1082, #2417). Empty
-    /// unless `docker_gwbridge` is served.
-    async fn gateway_endpoints(
-        &self,
-        docker: &Docker,
-    ) -> Result<HashMap<String, Vec<IpAddr>>, SessionError> {
-        if !self.serves_network(GATEWAY_BRIDGE) {
-            return Ok(HashMap::new());
-        }
-        self.count(1);
-        match docker
-            .inspect_network(GATEWAY_BRIDGE, None::<InspectNetworkOptions>)
-            .await
-        {
-            Ok(n) => Ok(gateway_bridge_endpoints(&n)),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(HashMap::new()),
-            Err(e) => Err(e.into()),
-        }
-    }
+/// A container's record (with its service's labels for a Swarm task, and the `docker_gwbridge`
+/// endpoints when that bridge is served), or `None` if it is gone.
+async fn fetch_record(
+    docker: &Docker,
+    id: &str,
+    served: &BTreeSet<String>,
+    stats: &DockerStats,
+    gateway: Option<&HashMap<String, Vec<IpAddr>>>,
+) -> Result<Option<Record>, SessionError> {
+    stats.api_calls.fetch_add(1, Ordering::Relaxed);
+    stats.inspects.fetch_add(1, Ordering::Relaxed);
+    let mut details = match docker.inspect_container(id, None).await {
+        Ok(details) => details,
+        // Gone between the event and the inspect.
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    add_service_labels(docker, stats, &mut details).await?;
+    let gateway = match gateway {
+        Some(g) => g.clone(),
+        None => gateway_endpoints(docker, served, stats).await?,
+    };
+    Ok(Some(Record { details, gateway }))
+}
 
-    /// The container if it is running (and on a served network), `None` if it is not.
-    async fn inspect(&self, docker: &Docker, id: &str) -> Result<Option<Container>, SessionError> {
-        let gateway = self.gateway_endpoints(docker).await?;
-        self.inspect_with(docker, id, &gateway).await
+/// A Swarm task's address on `docker_gwbridge`, by container id: the engine lists it only in
+/// that network's own record, never in the container's (moby/libnetwork #1082, #2417). Empty
+/// unless `docker_gwbridge` is served.
+async fn gateway_endpoints(
+    docker: &Docker,
+    served: &BTreeSet<String>,
+    stats: &DockerStats,
+) -> Result<HashMap<String, Vec<IpAddr>>, SessionError> {
+    if !served.contains(GATEWAY_BRIDGE) {
+        return Ok(HashMap::new());
     }
+    stats.api_calls.fetch_add(1, Ordering::Relaxed);
+    match docker
+        .inspect_network(GATEWAY_BRIDGE, None::<InspectNetworkOptions>)
+        .await
+    {
+        Ok(n) => Ok(gateway_bridge_endpoints(&n)),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(HashMap::new()),
+        Err(e) => Err(e.into()),
+    }
+}
 
-    /// [`Watcher::inspect`] with the `docker_gwbridge` endpoints already read.
-    async fn inspect_with(
-        &self,
-        docker: &Docker,
-        id: &str,
-        gateway: &HashMap<String, Vec<IpAddr>>,
-    ) -> Result<Option<Container>, SessionError> {
-        self.count(1);
-        self.stats.inspects.fetch_add(1, Ordering::Relaxed);
-        let mut details = match docker.inspect_container(id, None).await {
-            Ok(details) => details,
-            // Gone between the event and the inspect.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        self.add_service_labels(docker, &mut details).await?;
-        Ok(to_container(details, &self.options, &self.served, gateway))
+/// A Swarm task takes the labels of its service (`docker service create --label`) under its
+/// own: a role set on the service selects it for every task, as a container label would.
+async fn add_service_labels(
+    docker: &Docker,
+    stats: &DockerStats,
+    details: &mut ContainerInspectResponse,
+) -> Result<(), SessionError> {
+    let Some(config) = details.config.as_mut() else {
+        return Ok(());
+    };
+    let Some(service) = config
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_ID_LABEL))
+        .filter(|s| !s.is_empty())
+        .cloned()
+    else {
+        return Ok(());
+    };
+    stats.api_calls.fetch_add(1, Ordering::Relaxed);
+    let spec_labels = match docker.inspect_service(&service, None).await {
+        Ok(s) => s.spec.and_then(|s| s.labels).unwrap_or_default(),
+        // The service is gone (its tasks are going): nothing to add.
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let labels = config.labels.get_or_insert_with(HashMap::new);
+    for (k, v) in spec_labels {
+        labels.entry(k).or_insert(v);
     }
-
-    /// A Swarm task takes the labels of its service (`docker service create --label`) under its
-    /// own: a role set on the service selects it for every task, as a container label would.
-    async fn add_service_labels(
-        &self,
-        docker: &Docker,
-        details: &mut ContainerInspectResponse,
-    ) -> Result<(), SessionError> {
-        let Some(config) = details.config.as_mut() else {
-            return Ok(());
-        };
-        let Some(service) = config
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_ID_LABEL))
-            .filter(|s| !s.is_empty())
-            .cloned()
-        else {
-            return Ok(());
-        };
-        self.count(1);
-        let spec_labels = match docker.inspect_service(&service, None).await {
-            Ok(s) => s.spec.and_then(|s| s.labels).unwrap_or_default(),
-            // The service is gone (its tasks are going): nothing to add.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        let labels = config.labels.get_or_insert_with(HashMap::new);
-        for (k, v) in spec_labels {
-            labels.entry(k).or_insert(v);
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 async fn connect(host: &str) -> Result<Docker, SessionError> {
@@ -766,14 +928,21 @@ enum Effect {
 fn container_effect(action: &str) -> Effect {
     let verb = action.split(':').next().unwrap_or_default().trim();
     match verb {
-        "die" | "died" | "destroy" | "remove" | "stop" | "exited" => Effect::Remove,
-        "start" | "restart" | "create" | "init" | "rename" | "update" | "kill" | "oom"
-        | "pause" | "unpause" | "cleanup" | "checkpoint" | "restore" | "refresh" | "sync" => {
+        // Stopped, gone, or (Podman) cleaned up after stopping or checkpointed.
+        "die" | "died" | "destroy" | "remove" | "stop" | "exited" | "cleanup" | "checkpoint" => {
+            Effect::Remove
+        }
+        // Running now, perhaps as a new incarnation or under a new name or configuration.
+        "start" | "restart" | "rename" | "update" | "restore" | "refresh" | "sync" => {
             Effect::Reinspect
         }
-        "attach" | "detach" | "commit" | "copy" | "archive-path" | "extract-to-dir" | "export"
-        | "exec_create" | "exec_start" | "exec_die" | "exec_detach" | "exec" | "exec_died"
-        | "health_status" | "resize" | "top" | "mount" | "unmount" => Effect::Ignore,
+        // Nothing that moves an address: a container that is created or initialised is not
+        // running yet (its `start` follows); one that is killed, runs out of memory or is
+        // paused has not stopped (its `die` follows if it does).
+        "create" | "init" | "kill" | "oom" | "pause" | "unpause" | "attach" | "detach"
+        | "commit" | "copy" | "archive-path" | "extract-to-dir" | "export" | "exec_create"
+        | "exec_start" | "exec_die" | "exec_detach" | "exec" | "exec_died" | "health_status"
+        | "resize" | "top" | "mount" | "unmount" => Effect::Ignore,
         _ => Effect::Unknown,
     }
 }
@@ -1027,11 +1196,12 @@ mod tests {
             ("destroy", Effect::Remove),
             ("remove", Effect::Remove),
             ("stop", Effect::Remove),
+            ("cleanup", Effect::Remove),
             ("start", Effect::Reinspect),
             ("restart", Effect::Reinspect),
-            ("cleanup", Effect::Reinspect),
-            ("kill", Effect::Reinspect),
             ("rename", Effect::Reinspect),
+            ("create", Effect::Ignore),
+            ("kill", Effect::Ignore),
             ("exec_start: sh -c true", Effect::Ignore),
             ("health_status: healthy", Effect::Ignore),
             ("attach", Effect::Ignore),
