@@ -27,8 +27,13 @@ use crate::imds::token::Tokens;
 use crate::imds::tree::Tree;
 use crate::index::Index;
 use crate::metrics::Metrics;
-use crate::server::{self, ServerOptions};
+use crate::server::{self, Connections};
 use crate::state::StateDir;
+
+/// The listeners, as metrics (`listener` label) and logs name them.
+pub const LISTENER_METADATA: &str = "metadata";
+pub const LISTENER_CONTAINER_CREDENTIALS: &str = "container-credentials";
+pub const LISTENER_ADMIN: &str = "admin";
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +60,8 @@ pub struct App {
     broker: Broker,
     listeners: Vec<TcpListener>,
     local_addrs: Vec<SocketAddr>,
-    server: ServerOptions,
+    /// Every listener's connections, under one pair of caps.
+    connections: Arc<Connections>,
     identity: Arc<Identity>,
     /// Follows the Docker Engine, when there is one.
     watcher: Option<Watcher>,
@@ -199,12 +205,22 @@ impl App {
             container_tokens: ecs_tokens,
         });
 
+        let server_options =
+            server::fit_to_descriptors(&config.server, server::DescriptorLimit::current());
+        let (max_connections, max_connections_per_caller) = (
+            server_options.max_connections,
+            server_options.max_connections_per_caller,
+        );
+        let connections = Connections::new(server_options, metrics.clone());
+
         tracing::info!(
             source = broker.source_kind(),
             default_role = identity.default_role().map(|a| a.as_str()),
             http_tokens = ?config.imds.http_tokens,
             instance_id = %config.instance.instance_id,
             region = %config.instance.region,
+            max_connections,
+            max_connections_per_caller,
             "imdsd {} ready",
             env!("CARGO_PKG_VERSION")
         );
@@ -213,7 +229,7 @@ impl App {
             broker,
             listeners,
             local_addrs,
-            server: config.server,
+            connections,
             identity,
             watcher,
             index,
@@ -297,8 +313,9 @@ impl App {
             });
             tasks.spawn(server::serve(
                 listener,
+                LISTENER_ADMIN,
                 handler,
-                self.server.clone(),
+                self.connections.clone(),
                 shutdown.clone(),
             ));
         }
@@ -316,8 +333,9 @@ impl App {
             });
             tasks.spawn(server::serve(
                 listener,
+                LISTENER_CONTAINER_CREDENTIALS,
                 handler,
-                self.server.clone(),
+                self.connections.clone(),
                 shutdown.clone(),
             ));
         }
@@ -332,8 +350,9 @@ impl App {
             });
             tasks.spawn(server::serve(
                 listener,
+                LISTENER_METADATA,
                 handler,
-                self.server.clone(),
+                self.connections.clone(),
                 shutdown.clone(),
             ));
         }

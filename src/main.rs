@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         }
     };
     imdsd::logging::init(config.log_format, &config.log_filter);
+    imdsd::server::raise_descriptor_limit();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
