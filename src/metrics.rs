@@ -1,7 +1,7 @@
 //! Prometheus metrics: what the request path records (requests by route and status, latency,
 //! IMDSv2 tokens, STS call latency), what the listeners record (open connections, connections
 //! closed or refused at a cap), and what is read from the other parts at scrape time
-//! (credential cache, STS calls and errors, the Docker index and watcher).
+//! (credential cache, STS calls and errors, the Docker index and watcher, log lines dropped).
 //!
 //! The request path only increments atomics: `prometheus-client`'s families take a read lock on
 //! a map that is written once per new label combination, so the request path looks each series up
@@ -390,6 +390,12 @@ fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) ->
 
 impl Collector for Scraped {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        counter(
+            &mut e,
+            "log_lines_dropped",
+            "Log lines lost because the log destination (stderr) was full or failing",
+            crate::log_writer::lines_dropped(),
+        )?;
         let s = self.broker.stats();
         counter(
             &mut e,
