@@ -27,8 +27,10 @@ use crate::imds::token::Tokens;
 use crate::imds::tree::Tree;
 use crate::index::Index;
 use crate::metrics::Metrics;
-use crate::server::{self, ServerOptions};
+use crate::server::{self, Connections};
 use crate::state::StateDir;
+
+pub use crate::metrics::{LISTENER_ADMIN, LISTENER_CONTAINER_CREDENTIALS, LISTENER_METADATA};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +57,8 @@ pub struct App {
     broker: Broker,
     listeners: Vec<TcpListener>,
     local_addrs: Vec<SocketAddr>,
-    server: ServerOptions,
+    /// Every listener's connections, under one pair of caps.
+    connections: Arc<Connections>,
     identity: Arc<Identity>,
     /// Follows the Docker Engine, when there is one.
     watcher: Option<Watcher>,
@@ -200,12 +203,22 @@ impl App {
             container_tokens: ecs_tokens,
         });
 
+        let server_options =
+            server::fit_to_descriptors(&config.server, server::DescriptorLimit::current());
+        let (max_connections, max_connections_per_caller) = (
+            server_options.max_connections,
+            server_options.max_connections_per_caller,
+        );
+        let connections = Connections::new(server_options, metrics.clone());
+
         tracing::info!(
             source = broker.source_kind(),
             default_role = identity.default_role().map(|a| a.as_str()),
             http_tokens = ?config.imds.http_tokens,
             instance_id = %config.instance.instance_id,
             region = %config.instance.region,
+            max_connections,
+            max_connections_per_caller,
             "imdsd {} ready",
             env!("CARGO_PKG_VERSION")
         );
@@ -214,7 +227,7 @@ impl App {
             broker,
             listeners,
             local_addrs,
-            server: config.server,
+            connections,
             identity,
             watcher,
             index,
@@ -298,8 +311,9 @@ impl App {
             });
             tasks.spawn(server::serve(
                 listener,
+                LISTENER_ADMIN,
                 handler,
-                self.server.clone(),
+                self.connections.clone(),
                 shutdown.clone(),
             ));
         }
@@ -317,8 +331,9 @@ impl App {
             });
             tasks.spawn(server::serve(
                 listener,
+                LISTENER_CONTAINER_CREDENTIALS,
                 handler,
-                self.server.clone(),
+                self.connections.clone(),
                 shutdown.clone(),
             ));
         }
@@ -333,8 +348,9 @@ impl App {
             });
             tasks.spawn(server::serve(
                 listener,
+                LISTENER_METADATA,
                 handler,
-                self.server.clone(),
+                self.connections.clone(),
                 shutdown.clone(),
             ));
         }

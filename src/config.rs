@@ -250,6 +250,27 @@ pub struct Cli {
           require_equals = true, default_missing_value = "true")]
     pub keep_alive: Option<String>,
 
+    /// Open connections from all callers together, on every listener; when reached, the
+    /// longest-idle connection is closed to make room (lowered to fit the open-file limit).
+    /// [default: 8192]
+    #[arg(
+        help_heading = "Operation",
+        long,
+        env = "IMDSD_MAX_CONNECTIONS",
+        value_name = "N"
+    )]
+    pub max_connections: Option<String>,
+
+    /// Open connections from one caller address; when reached, that caller's longest-idle
+    /// connection is closed to make room. [default: 512]
+    #[arg(
+        help_heading = "Operation",
+        long,
+        env = "IMDSD_MAX_CONNECTIONS_PER_CALLER",
+        value_name = "N"
+    )]
+    pub max_connections_per_caller: Option<String>,
+
     /// Answer a token request carrying "Expect: 100-continue" with 417, as EC2 does.
     #[arg(help_heading = "Operation", long, env = "IMDSD_STRICT_EXPECT", value_name = "BOOL", num_args = 0..=1,
           require_equals = true, default_missing_value = "true")]
@@ -450,6 +471,8 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     pub access_log_burst: Option<u32>,
     pub keep_alive: Option<bool>,
+    pub max_connections: Option<u64>,
+    pub max_connections_per_caller: Option<u64>,
     pub strict_expect: Option<bool>,
     pub forwarded_for: Option<String>,
     pub docker_host: Option<String>,
@@ -678,6 +701,42 @@ impl Resolver<'_> {
         }
     }
 
+    /// A connection cap: a whole number from 1 to [`crate::server::MAX_CONNECTIONS_LIMIT`].
+    fn connection_count(
+        &mut self,
+        id: &str,
+        flag: &'static str,
+        env: &'static str,
+        cli: &Option<String>,
+        file: Option<u64>,
+        default: usize,
+    ) -> usize {
+        let Some((v, origin)) = self.pick(id, flag, env, cli.clone(), file.map(|n| n.to_string()))
+        else {
+            return default;
+        };
+        let max = crate::server::MAX_CONNECTIONS_LIMIT;
+        match v.trim().parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => n,
+            Ok(_) => {
+                self.problem(
+                    &origin,
+                    format!(
+                        "{v:?} is outside 1 to {max}; write a number of connections such as                          {default} (the default)"
+                    ),
+                );
+                default
+            }
+            Err(_) => {
+                self.problem(
+                    &origin,
+                    format!("{v:?} is not a number of connections; write e.g. {default}"),
+                );
+                default
+            }
+        }
+    }
+
     fn choice<T: Copy>(
         &mut self,
         picked: Option<(String, Origin)>,
@@ -719,6 +778,8 @@ fn flag_to_key(flag: &'static str) -> &'static str {
         "access-log-burst" => "access_log_burst",
         "log-level" => "log_level",
         "keep-alive" => "keep_alive",
+        "max-connections" => "max_connections",
+        "max-connections-per-caller" => "max_connections_per_caller",
         "strict-expect" => "strict_expect",
         "forwarded-for" => "forwarded_for",
         "sts-endpoint" => "sts_endpoint",
@@ -941,6 +1002,22 @@ fn resolve(
         "IMDSD_KEEP_ALIVE",
         &cli.keep_alive,
         file.keep_alive,
+    );
+    let max_connections = r.connection_count(
+        "max_connections",
+        "max-connections",
+        "IMDSD_MAX_CONNECTIONS",
+        &cli.max_connections,
+        file.max_connections,
+        crate::server::DEFAULT_MAX_CONNECTIONS,
+    );
+    let max_connections_per_caller = r.connection_count(
+        "max_connections_per_caller",
+        "max-connections-per-caller",
+        "IMDSD_MAX_CONNECTIONS_PER_CALLER",
+        &cli.max_connections_per_caller,
+        file.max_connections_per_caller,
+        crate::server::DEFAULT_MAX_CONNECTIONS_PER_CALLER,
     );
     let strict_expect = r.boolean(
         "strict_expect",
@@ -1362,6 +1439,8 @@ fn resolve(
         },
         server: ServerOptions {
             keep_alive,
+            max_connections,
+            max_connections_per_caller,
             ..ServerOptions::default()
         },
         source,
@@ -1917,6 +1996,58 @@ mod tests {
     }
 
     #[test]
+    fn connection_caps_come_from_flags_or_the_file_and_bad_ones_are_named() {
+        let defaults = config(&[]).expect("valid");
+        assert_eq!(
+            defaults.server.max_connections,
+            crate::server::DEFAULT_MAX_CONNECTIONS
+        );
+        assert_eq!(
+            defaults.server.max_connections_per_caller,
+            crate::server::DEFAULT_MAX_CONNECTIONS_PER_CALLER
+        );
+        let f = file("max_connections = 2000\nmax_connections_per_caller = 40\n");
+        let path = f.path().to_str().expect("utf8").to_string();
+        let c = config(&["--config", &path]).expect("valid");
+        assert_eq!(
+            (
+                c.server.max_connections,
+                c.server.max_connections_per_caller
+            ),
+            (2000, 40)
+        );
+        let c = config(&["--config", &path, "--max-connections-per-caller", "64"]).expect("valid");
+        assert_eq!(c.server.max_connections_per_caller, 64, "the flag wins");
+
+        let f = file("max_connections = 0\n");
+        let path = f.path().to_str().expect("utf8").to_string();
+        let err = config(&[
+            "--config",
+            &path,
+            "--max-connections-per-caller",
+            "99999999",
+        ])
+        .expect_err("invalid");
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 2, "{text}");
+        assert!(
+            text.contains(&format!(
+                "{path}: max_connections: \"0\" is outside 1 to 1048576"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("--max-connections-per-caller: \"99999999\" is outside 1 to 1048576"),
+            "{text}"
+        );
+        let err = config(&["--max-connections", "many"]).expect_err("invalid");
+        assert!(
+            err.problems[0].contains("--max-connections: \"many\" is not a number of connections"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once_with_its_origin() {
         let f = file("http_endpoint = \"sometimes\"\n[instance]\naccount_id = \"42\"\n");
         let path = f.path().to_str().expect("utf8").to_string();
@@ -2112,6 +2243,8 @@ mod tests {
         log_level: (),
         access_log_burst: (),
         keep_alive: (),
+        max_connections: (),
+        max_connections_per_caller: (),
         strict_expect: (),
         forwarded_for: (),
         docker_host: (),
@@ -2251,6 +2384,25 @@ mod tests {
             Ok(Parsed::Network(_))
         ));
         assert!(unit.contains("RestartPreventExitStatus=64"));
+        // Room for the default connection cap, with the reserve for everything else.
+        let nofile: u64 = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("LimitNOFILE="))
+            .expect("LimitNOFILE= in the unit")
+            .trim()
+            .parse()
+            .expect("a number");
+        let fitted = crate::server::fit_to_descriptors(
+            &ServerOptions::default(),
+            crate::server::DescriptorLimit {
+                soft: Some(nofile),
+                hard: Some(nofile),
+            },
+        );
+        assert_eq!(
+            fitted.max_connections,
+            crate::server::DEFAULT_MAX_CONNECTIONS
+        );
     }
 
     #[test]

@@ -225,12 +225,19 @@ impl AccessLine<'_> {
 
 /// Installs the process's logger: `filter` (an `EnvFilter` directive string, checked by the
 /// configuration) on stderr, in `format`.
+///
+/// Lines go through [`crate::log_writer`], which drops (and counts) what stderr cannot take
+/// instead of failing or blocking: a closed or full stderr must not stop the daemon from serving
+/// or from shutting down. Panics are logged the same way rather than printed, for the same reason.
 pub fn init(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(crate::log_writer::install_stderr())
+        // The writer never fails; were it to, the report would go to stderr with `eprintln!`,
+        // which panics when stderr is closed.
+        .log_internal_errors(false);
     let general = tracing_subscriber::fmt::format().with_timer(UtcMicros);
     match format {
         LogFormat::Json => builder
@@ -245,6 +252,23 @@ pub fn init(format: LogFormat, filter: &str) {
             .event_format(Lines::text(general))
             .init(),
     }
+    std::panic::set_hook(Box::new(log_panic));
+}
+
+/// Logs a panic (with a backtrace when `RUST_BACKTRACE` asks for one) instead of writing it to
+/// stderr, where the default hook would block on a full pipe.
+fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let thread = std::thread::current();
+    let backtrace = std::backtrace::Backtrace::capture();
+    let backtrace = match backtrace.status() {
+        std::backtrace::BacktraceStatus::Captured => Some(backtrace.to_string()),
+        _ => None,
+    };
+    tracing::error!(
+        thread = thread.name().unwrap_or("unnamed"),
+        backtrace = backtrace.as_deref(),
+        "{info}"
+    );
 }
 
 /// Access lines written directly; everything else by `general`.

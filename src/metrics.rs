@@ -1,6 +1,7 @@
 //! Prometheus metrics: what the request path records (requests by route and status, latency,
-//! IMDSv2 tokens, STS call latency), and what is read from the other parts at scrape time
-//! (credential cache, STS calls and errors, the Docker index and watcher).
+//! IMDSv2 tokens, STS call latency), what the listeners record (open connections, connections
+//! closed or refused at a cap), and what is read from the other parts at scrape time
+//! (credential cache, STS calls and errors, the Docker index and watcher, log lines dropped).
 //!
 //! The request path only increments atomics: `prometheus-client`'s families take a read lock on
 //! a map that is written once per new label combination, so the request path looks each series up
@@ -17,7 +18,7 @@ use prometheus_client::encoding::{
 };
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
@@ -72,6 +73,17 @@ struct RequestLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RouteLabels {
     route: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusedLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 /// The status codes the service answers with, as label values without allocating; anything else
@@ -170,6 +182,15 @@ impl EncodeMetric for LatencyHistogram {
 }
 
 /// What the request path records.
+/// The listeners, as metrics (`listener` label) and logs name them.
+pub const LISTENER_METADATA: &str = "metadata";
+pub const LISTENER_CONTAINER_CREDENTIALS: &str = "container-credentials";
+pub const LISTENER_ADMIN: &str = "admin";
+
+/// Why a request was refused, as the `reason` label says: a container calling from a Docker
+/// network imdsd does not serve.
+pub const REFUSED_NETWORK: &str = "network";
+
 #[derive(Debug)]
 pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
@@ -182,6 +203,11 @@ pub struct Metrics {
     tokens_issued: Counter,
     tokens_rejected: Counter,
     sts_latency: Histogram,
+    /// Refused before being served, by listener and reason (e.g. a connection cap).
+    requests_refused: Family<RefusedLabels, Counter>,
+    /// Idle connections closed to make room under a cap, by cap.
+    connections_closed: Family<ReasonLabels, Counter>,
+    open_connections: Gauge,
 }
 
 impl Default for Metrics {
@@ -194,6 +220,9 @@ impl Default for Metrics {
             tokens_issued: Counter::default(),
             tokens_rejected: Counter::default(),
             sts_latency: Histogram::new(latency_buckets()),
+            requests_refused: Family::default(),
+            connections_closed: Family::default(),
+            open_connections: Gauge::default(),
         }
     }
 }
@@ -233,6 +262,40 @@ impl Metrics {
     /// One call to the credential source (STS), successful or not.
     pub fn source_call(&self, elapsed: Duration) {
         self.sts_latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// A request (or a connection, before its request) refused on `listener` for `reason`.
+    pub fn request_refused(&self, listener: &'static str, reason: &'static str) {
+        self.requests_refused
+            .get_or_create(&RefusedLabels { listener, reason })
+            .inc();
+    }
+
+    /// An idle connection closed to make room under the cap `reason`.
+    pub fn connection_closed(&self, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// The number of open connections, on every listener.
+    pub fn connections_open(&self, open: usize) {
+        self.open_connections
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    /// Requests refused on `listener` for `reason`, for tests.
+    pub fn refused_for(&self, listener: &'static str, reason: &'static str) -> u64 {
+        self.requests_refused
+            .get_or_create(&RefusedLabels { listener, reason })
+            .get()
+    }
+
+    /// Idle connections closed under the cap `reason`, for tests.
+    pub fn closed_for(&self, reason: &'static str) -> u64 {
+        self.connections_closed
+            .get_or_create(&ReasonLabels { reason })
+            .get()
     }
 
     /// The number of requests recorded for `route` with `status`, for tests.
@@ -279,6 +342,21 @@ pub fn registry(
         "Time of each call to the credential source (AssumeRole)",
         metrics.sts_latency.clone(),
     );
+    registry.register(
+        "requests_refused",
+        "Requests (or connections, before their request) refused, by listener and reason",
+        metrics.requests_refused.clone(),
+    );
+    registry.register(
+        "connections_closed",
+        "Idle connections closed to make room under a connection cap, by cap",
+        metrics.connections_closed.clone(),
+    );
+    registry.register(
+        "open_connections",
+        "Open client connections, on every listener",
+        metrics.open_connections.clone(),
+    );
     registry.register_collector(Box::new(Scraped {
         broker,
         index,
@@ -321,6 +399,12 @@ fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) ->
 
 impl Collector for Scraped {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        counter(
+            &mut e,
+            "log_lines_dropped",
+            "Log lines lost because the log destination (stderr) was full or failing",
+            crate::log_writer::lines_dropped(),
+        )?;
         let s = self.broker.stats();
         counter(
             &mut e,

@@ -292,6 +292,14 @@ impl Imds {
         let elapsed = started.elapsed();
         self.metrics
             .request(route_of(path), status.as_u16(), elapsed);
+        if let Some(w) = &outcome.workload
+            && matches!(w.role, RoleState::Unserved(_))
+        {
+            self.metrics.request_refused(
+                crate::metrics::LISTENER_METADATA,
+                crate::metrics::REFUSED_NETWORK,
+            );
+        }
         if self.access_log {
             let workload = outcome.workload.as_deref();
             let line = AccessLine {

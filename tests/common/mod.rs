@@ -312,23 +312,45 @@ pub struct Process {
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
+/// The daemon binary as a command, set up as [`Process::spawn`] runs it (clean AWS environment,
+/// no Docker, its own admin port), with `args`, `env`, and stdio left to the caller. `wrapper`
+/// runs first, with the binary and its arguments after it (e.g. a shell that lowers a limit,
+/// then `exec`s).
+pub fn daemon_command(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Command {
+    let binary = env!("CARGO_BIN_EXE_imdsd");
+    let mut cmd = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut cmd = aws_clean_command(Path::new(program));
+            cmd.args(rest).arg(binary);
+            cmd
+        }
+        None => aws_clean_command(Path::new(binary)),
+    };
+    cmd.args(args)
+        // Tests that are not about containers must not see the machine's containers.
+        .env("DOCKER_HOST", "none")
+        .env_remove("DOCKER_URL")
+        // Tests run many daemons at once; each gets its own admin port.
+        .env("IMDSD_ADMIN_LISTEN", "127.0.0.1:0")
+        // The daemon's own chain must not find the machine's IMDS, unless a test says so.
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null());
+    cmd
+}
+
 impl Process {
     /// Spawns the built binary with JSON logs and waits until it listens (or exits).
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
-        let mut cmd = aws_clean_command(Path::new(env!("CARGO_BIN_EXE_imdsd")));
-        cmd.args(["--log-format", "json"])
-            .args(args)
-            // Tests that are not about containers must not see the machine's containers.
-            .env("DOCKER_HOST", "none")
-            .env_remove("DOCKER_URL")
-            // Tests run many daemons at once; each gets its own admin port.
-            .env("IMDSD_ADMIN_LISTEN", "127.0.0.1:0")
-            // The daemon's own chain must not find the machine's IMDS, unless a test says so.
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let mut full = vec!["--log-format", "json"];
+        full.extend_from_slice(args);
+        Self::start(daemon_command(&[], &full, env))
+    }
+
+    /// Spawns `cmd` (see [`daemon_command`]; it must log JSON) with its stderr collected, and
+    /// waits until it listens (or exits).
+    pub fn start(mut cmd: Command) -> Process {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn imdsd");
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("stderr");
@@ -407,7 +429,8 @@ impl Process {
     }
 }
 
-fn extract_addr(line: &str) -> Option<SocketAddr> {
+/// The `addr` field of a JSON log line.
+pub fn extract_addr(line: &str) -> Option<SocketAddr> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     v.get("addr")?.as_str()?.parse().ok()
 }

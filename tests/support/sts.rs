@@ -150,11 +150,15 @@ impl ScriptedSts {
         });
         tokio::spawn(imdsd::server::serve(
             listener,
+            "scripted-sts",
             handler,
-            imdsd::server::ServerOptions {
-                keep_alive: true,
-                ..Default::default()
-            },
+            imdsd::server::Connections::new(
+                imdsd::server::ServerOptions {
+                    keep_alive: true,
+                    ..Default::default()
+                },
+                Arc::new(imdsd::metrics::Metrics::default()),
+            ),
             shutdown.clone(),
         ));
         ScriptedSts {
