@@ -8,7 +8,10 @@
 //!    containers, inspects the ones the index does not already know, and swaps the result in;
 //! 3. applies events: a container that dies or is destroyed is removed at once, without a round
 //!    trip; a start, rename, update, or network (dis)connect is re-inspected; a periodic resync
-//!    repairs anything missed.
+//!    repairs anything missed. Inspections run side by side while the stream is read on (the
+//!    engine holds an answer about a container it is starting back for up to seconds), so that
+//!    no stop waits behind them; an answer overtaken by a later event or record is not applied
+//!    (see `Inspections`).
 //!
 //! When the engine goes away the session ends and the index stops being authoritative: while the
 //! watcher cannot see events, a container may die and another take its address, so callers get a
@@ -27,6 +30,8 @@ use bollard::query_parameters::{
     EventsOptions, InspectNetworkOptions, ListContainersOptions, ListNetworksOptions,
 };
 use futures::StreamExt as _;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 
@@ -231,21 +236,21 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Mirrors the engine into an index until shut down.
 pub struct Watcher {
-    options: DockerOptions,
+    options: Arc<DockerOptions>,
     writer: IndexWriter,
     stats: Arc<DockerStats>,
     /// The networks served now, by name: worked out from [`DockerOptions::networks`] whenever the
     /// networks are listed.
-    served: BTreeSet<String>,
+    served: Arc<BTreeSet<String>>,
 }
 
 impl Watcher {
     pub fn new(options: DockerOptions, writer: IndexWriter) -> Self {
         Self {
-            options,
+            options: Arc::new(options),
             writer,
             stats: Arc::new(DockerStats::default()),
-            served: BTreeSet::new(),
+            served: Arc::new(BTreeSet::new()),
         }
     }
 
@@ -329,7 +334,8 @@ impl Watcher {
         }));
         self.count(1);
 
-        self.full_sync(&docker, false)
+        let mut work = Inspections::default();
+        self.full_sync(&docker, false, &mut work)
             .await
             .map_err(|e| (e, false))?;
         self.stats.connected.store(true, Ordering::Release);
@@ -352,19 +358,22 @@ impl Watcher {
                 event = events.next() => match event {
                     Some(Ok(event)) => {
                         self.stats.events_applied.fetch_add(1, Ordering::Relaxed);
-                        self.apply_event(&docker, event).await.map_err(|e| (e, true))?;
+                        self.apply_event(&docker, event, &mut work).await.map_err(|e| (e, true))?;
                     }
                     Some(Err(e)) => return Err((e.into(), true)),
                     None => return Err((SessionError::StreamEnded, true)),
                 },
-                _ = resync.tick() => self.full_sync(&docker, true).await.map_err(|e| (e, true))?,
+                Some(answer) = work.running.next(), if !work.running.is_empty() => {
+                    self.finish(&docker, answer, &mut work).await.map_err(|e| (e, true))?;
+                }
+                _ = resync.tick() => self.full_sync(&docker, true, &mut work).await.map_err(|e| (e, true))?,
                 () = self.writer.asked(), if look_at.is_none() => {
                     look_at = Some(last_look + ASK_INTERVAL);
                 }
                 () = tokio::time::sleep_until(look_at.unwrap_or(last_look)), if look_at.is_some() => {
                     look_at = None;
                     last_look = tokio::time::Instant::now();
-                    self.answer_asks(&docker).await.map_err(|e| (e, true))?;
+                    self.answer_asks(&docker, &mut work).await.map_err(|e| (e, true))?;
                 }
             }
         }
@@ -378,13 +387,30 @@ impl Watcher {
         self.stats.api_calls.fetch_add(calls, Ordering::Relaxed);
     }
 
+    /// What inspecting a container needs, for a task of its own.
+    fn asker(&self, docker: &Docker) -> Asker {
+        Asker {
+            docker: docker.clone(),
+            options: self.options.clone(),
+            served: self.served.clone(),
+            stats: self.stats.clone(),
+        }
+    }
+
     /// Lists networks and containers and replaces the index. With `reuse`, containers already
     /// indexed with the same addresses are not inspected again (a periodic resync while events
     /// flowed); after a (re)connect everything is inspected, since a container may have restarted
     /// unseen and a new incarnation must get a new binding.
-    async fn full_sync(&mut self, docker: &Docker, reuse: bool) -> Result<(), SessionError> {
+    async fn full_sync(
+        &mut self,
+        docker: &Docker,
+        reuse: bool,
+        work: &mut Inspections,
+    ) -> Result<(), SessionError> {
         // A change of the served networks drops what was kept: containers are filtered anew.
         let reuse = !self.refresh_networks(docker).await? && reuse;
+        // Whatever is being inspected now is judged against this listing, not before it.
+        work.outdate_all();
         self.count(1);
         self.stats.lists.fetch_add(1, Ordering::Relaxed);
         let running = docker
@@ -393,9 +419,11 @@ impl Watcher {
                 ..Default::default()
             }))
             .await?;
-        let gateway = self.gateway_endpoints(docker).await?;
+        let asker = self.asker(docker);
+        let gateway = asker.gateway_endpoints().await?;
         let index = self.writer.reader();
         let mut containers = Vec::with_capacity(running.len());
+        let mut inspected = Vec::new();
         for summary in running {
             let Some(id) = summary.id else { continue };
             let listed: HashSet<IpAddr> = summary
@@ -415,12 +443,21 @@ impl Watcher {
                 containers.push((*known).clone());
                 continue;
             }
-            if let Some(c) = self.inspect_with(docker, &id, &gateway).await? {
-                containers.push(c);
+            if let Some(details) = asker.running(&id).await? {
+                inspected.push(details);
             }
         }
+        if !inspected.is_empty() {
+            // Read again after the containers (see `Asker::container`).
+            let gateway = asker.gateway_endpoints().await?;
+            containers.extend(
+                inspected
+                    .into_iter()
+                    .filter_map(|d| to_container(d, &self.options, &self.served, &gateway)),
+            );
+        }
         // A full listing leaves nothing in doubt.
-        let _ = self.writer.apply(Change::Replace(containers));
+        let _ = self.apply(Change::Replace(containers), work);
         Ok(())
     }
 
@@ -455,7 +492,7 @@ impl Watcher {
             })
             .collect();
         self.writer.set_networks(subnets);
-        if served == self.served {
+        if served == *self.served {
             return Ok(false);
         }
         if served.is_empty() {
@@ -472,7 +509,7 @@ impl Watcher {
                 "serving containers on these Docker networks; containers calling from any other are refused"
             );
         }
-        self.served = served;
+        self.served = Arc::new(served);
         Ok(true)
     }
 
@@ -480,6 +517,7 @@ impl Watcher {
         &mut self,
         docker: &Docker,
         event: EventMessage,
+        work: &mut Inspections,
     ) -> Result<(), SessionError> {
         let action = event.action.as_deref().unwrap_or_default();
         let actor = event.actor.as_ref();
@@ -492,19 +530,22 @@ impl Watcher {
                         action,
                         "a container event without a container id: listing everything again"
                     );
-                    return self.relist(docker).await;
+                    return self.relist(docker, work).await;
                 };
                 match container_effect(action) {
-                    // Removal needs no round trip: the sooner a dead container's addresses are
-                    // released, the smaller the window in which a new one could be mistaken for it.
-                    Effect::Remove => self.settle(docker, Change::Remove { id }).await?,
-                    Effect::Reinspect => self.reinspect(docker, &id).await?,
+                    // Removal needs no round trip, and waits for no inspection under way: the
+                    // sooner a dead container's addresses are released, the smaller the window
+                    // in which a new one could be mistaken for it.
+                    Effect::Remove => self.settle(docker, Change::Remove { id }, work).await?,
+                    Effect::Reinspect => work.request(&self.asker(docker), id),
                     Effect::Ignore => {}
                     Effect::Unknown => {
                         tracing::info!(action, container = %short(&id), "an event imdsd does not know: asking the engine about the container again");
-                        self.settle(docker, Change::Doubt { id: id.clone() })
-                            .await?;
-                        self.reinspect(docker, &id).await?;
+                        let doubtful = self.apply(Change::Doubt { id: id.clone() }, work);
+                        for d in doubtful {
+                            work.request(&self.asker(docker), d);
+                        }
+                        work.request(&self.asker(docker), id);
                     }
                 }
             }
@@ -517,14 +558,14 @@ impl Watcher {
                         .or_else(|| actor.and_then(|a| a.id.as_ref()))
                         .cloned();
                     match id {
-                        Some(id) => self.reinspect(docker, &id).await?,
-                        None => return self.relist(docker).await,
+                        Some(id) => work.request(&self.asker(docker), id),
+                        None => return self.relist(docker, work).await,
                     }
                 }
                 // Listed again in the guard; when the served networks changed with it, the
                 // containers are filtered anew.
                 "create" | "destroy" | "remove" if self.refresh_networks(docker).await? => {
-                    self.full_sync(docker, false).await?;
+                    self.full_sync(docker, false, work).await?;
                 }
                 _ => {}
             },
@@ -535,46 +576,107 @@ impl Watcher {
 
     /// Everything in doubt until the engine has been listed again: callers wait (bounded) rather
     /// than be served from what the index held.
-    async fn relist(&mut self, docker: &Docker) -> Result<(), SessionError> {
+    async fn relist(
+        &mut self,
+        docker: &Docker,
+        work: &mut Inspections,
+    ) -> Result<(), SessionError> {
         self.writer.set_unready();
-        self.full_sync(docker, false).await?;
+        self.full_sync(docker, false, work).await?;
         self.writer.set_ready();
         Ok(())
     }
 
-    async fn reinspect(&mut self, docker: &Docker, id: &str) -> Result<(), SessionError> {
-        let change = match self.inspect(docker, id).await? {
-            Some(c) => Change::Upsert(c),
-            None => Change::Remove { id: id.to_string() },
+    /// Applies a change to the index, keeping the order of what was applied (see
+    /// [`Inspections`]).
+    fn apply(&mut self, change: Change, work: &mut Inspections) -> Vec<String> {
+        work.clock += 1;
+        match &change {
+            Change::Upsert(c) => {
+                work.applied.insert(c.id.clone(), work.clock);
+            }
+            Change::Remove { id } => {
+                work.applied.remove(id);
+            }
+            Change::Replace(all) => {
+                work.applied = all.iter().map(|c| (c.id.clone(), work.clock)).collect();
+            }
+            Change::Doubt { .. } => {}
+        }
+        self.writer.apply(change)
+    }
+
+    /// An inspection's answer: applied unless something happened to the container since it was
+    /// asked for (its removal stands; a newer event asks again), or it would take an address
+    /// from a container whose record was applied after it was asked for (it is older than that
+    /// record, and is asked again).
+    async fn finish(
+        &mut self,
+        docker: &Docker,
+        (id, asked_at, answer): Answer,
+        work: &mut Inspections,
+    ) -> Result<(), SessionError> {
+        match work.pending.remove(&id) {
+            Some(Since::Removed) => return Ok(()),
+            Some(Since::Changed) => {
+                work.request(&self.asker(docker), id);
+                return Ok(());
+            }
+            Some(Since::Nothing) | None => {}
+        }
+        let change = match answer? {
+            Some(c) => {
+                if overtaken(&self.writer.reader(), &work.applied, &c, asked_at) {
+                    work.request(&self.asker(docker), id);
+                    return Ok(());
+                }
+                Change::Upsert(c)
+            }
+            None => Change::Remove { id },
         };
-        self.settle(docker, change).await
+        self.settle(docker, change, work).await
     }
 
     /// Applies `change`, then asks the engine again about every container the index is in doubt
     /// about because of it (one that lost an address before it was seen to stop), until nothing
     /// is in doubt. A container that would be asked about twice stays in doubt, with a warning:
     /// two running containers claiming one address is not something to guess about.
-    async fn settle(&mut self, docker: &Docker, change: Change) -> Result<(), SessionError> {
-        let mut doubtful: VecDeque<String> = self.writer.apply(change).into();
+    async fn settle(
+        &mut self,
+        docker: &Docker,
+        change: Change,
+        work: &mut Inspections,
+    ) -> Result<(), SessionError> {
+        if let Change::Remove { id } = &change {
+            work.removed(id);
+        }
+        let mut doubtful: VecDeque<String> = self.apply(change, work).into();
         let mut asked = HashSet::new();
         while let Some(id) = doubtful.pop_front() {
             if !asked.insert(id.clone()) {
                 tracing::warn!(container = %short(&id), "the engine gives an address of this container to another one too; its addresses stay unserved until that changes");
                 continue;
             }
-            let change = match self.inspect(docker, &id).await? {
+            let change = match self.asker(docker).container(&id).await? {
                 Some(c) => Change::Upsert(c),
-                None => Change::Remove { id },
+                None => {
+                    work.removed(&id);
+                    Change::Remove { id }
+                }
             };
-            doubtful.extend(self.writer.apply(change));
+            doubtful.extend(self.apply(change, work));
         }
         Ok(())
     }
 
     /// Answers the index's asks: finds the running containers that hold the addresses callers
-    /// came from (one listing, then an inspect of each that holds one), and asks again about
-    /// the owners the index is in doubt about.
-    async fn answer_asks(&mut self, docker: &Docker) -> Result<(), SessionError> {
+    /// came from (one listing), and has each inspected, with the owners the index is in doubt
+    /// about.
+    async fn answer_asks(
+        &mut self,
+        docker: &Docker,
+        work: &mut Inspections,
+    ) -> Result<(), SessionError> {
         let asked = self.writer.take_asks();
         if asked.is_empty() {
             return Ok(());
@@ -587,7 +689,8 @@ impl Watcher {
                 ..Default::default()
             }))
             .await?;
-        let gateway = self.gateway_endpoints(docker).await?;
+        let asker = self.asker(docker);
+        let gateway = asker.gateway_endpoints().await?;
         let index = self.writer.reader();
         let mut ids: Vec<String> = Vec::new();
         for summary in running {
@@ -614,23 +717,150 @@ impl Watcher {
             }
         }
         for id in ids {
-            self.reinspect(docker, &id).await?;
+            work.request(&asker, id);
         }
         Ok(())
+    }
+}
+
+/// One inspection's answer: the container id, [`Inspections::clock`] when it was asked for, and
+/// what the engine said.
+type Answer = (String, u64, Result<Option<Container>, SessionError>);
+
+/// The inspections under way. They run side by side, and the event stream is read meanwhile: the
+/// engine answers about a container only once it is done creating or starting it (up to
+/// seconds while Swarm tasks churn on a loaded host), and a stop read behind such an answer would
+/// wait for it, while Docker hands a stopped task's `docker_gwbridge` address to the next task at
+/// once. The price is ordering, kept here: an answer is dropped when the container was removed
+/// since it was asked for, and asked again when it was asked about again or is overtaken by a
+/// newer record of the address it claims.
+#[derive(Default)]
+struct Inspections {
+    running: FuturesUnordered<BoxFuture<'static, Answer>>,
+    /// What happened to each container under inspection since it was asked for.
+    pending: HashMap<String, Since>,
+    /// Bumped by every change applied to the index.
+    clock: u64,
+    /// When each indexed container's record was applied, on `clock`.
+    applied: HashMap<String, u64>,
+}
+
+/// What happened to a container while it was being inspected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Since {
+    Nothing,
+    /// It stopped or went, and that was applied: the answer is stale and dropped.
+    Removed,
+    /// An event asks for a fresh look: the answer is stale, and it is asked again.
+    Changed,
+}
+
+impl Inspections {
+    /// Has the container inspected, unless it is already (then it is asked again afterwards).
+    fn request(&mut self, asker: &Asker, id: String) {
+        if let Some(since) = self.pending.get_mut(&id) {
+            *since = Since::Changed;
+            return;
+        }
+        self.pending.insert(id.clone(), Since::Nothing);
+        let asked_at = self.clock;
+        let asker = asker.clone();
+        self.running.push(Box::pin(async move {
+            let answer = asker.container(&id).await;
+            (id, asked_at, answer)
+        }));
+    }
+
+    /// The container's removal was applied: an answer under way about it is stale.
+    fn removed(&mut self, id: &str) {
+        if let Some(since) = self.pending.get_mut(id)
+            && *since == Since::Nothing
+        {
+            *since = Since::Removed;
+        }
+    }
+
+    /// A full listing was applied: every answer under way is older, and asked again.
+    fn outdate_all(&mut self) {
+        for since in self.pending.values_mut() {
+            *since = Since::Changed;
+        }
+    }
+}
+
+/// Whether an answer asked for at `asked_at` claims an address that the index gives to another
+/// container whose record was applied later: then the answer is the older of the two, and the
+/// engine is asked again rather than the newer record displaced by it.
+fn overtaken(index: &Index, applied: &HashMap<String, u64>, c: &Container, asked_at: u64) -> bool {
+    c.addresses.iter().any(|ip| {
+        index
+            .lookup(*ip)
+            .or_else(|| index.owner_in_doubt(*ip))
+            .is_some_and(|holder| {
+                holder.id != c.id && applied.get(&holder.id).is_some_and(|t| *t > asked_at)
+            })
+    })
+}
+
+/// What inspecting a container needs, cloned into each inspection.
+#[derive(Clone)]
+struct Asker {
+    docker: Docker,
+    options: Arc<DockerOptions>,
+    served: Arc<BTreeSet<String>>,
+    stats: Arc<DockerStats>,
+}
+
+impl Asker {
+    fn count(&self, calls: u64) {
+        self.stats.api_calls.fetch_add(calls, Ordering::Relaxed);
+    }
+
+    /// The container if it is running (and on a served network), `None` if it is not.
+    async fn container(&self, id: &str) -> Result<Option<Container>, SessionError> {
+        let Some(details) = self.running(id).await? else {
+            return Ok(None);
+        };
+        // Read after the container: an address listed now belongs to the container found
+        // running (one that stopped meanwhile is no longer listed; one that restarted is still
+        // the same container), never to a predecessor on that address.
+        let gateway = self.gateway_endpoints().await?;
+        Ok(to_container(details, &self.options, &self.served, &gateway))
+    }
+
+    /// The container's record with its service's labels, if it is running.
+    async fn running(&self, id: &str) -> Result<Option<ContainerInspectResponse>, SessionError> {
+        self.count(1);
+        self.stats.inspects.fetch_add(1, Ordering::Relaxed);
+        let mut details = match self.docker.inspect_container(id, None).await {
+            Ok(details) => details,
+            // Gone between the event and the inspect.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let running = details
+            .state
+            .as_ref()
+            .is_some_and(|s| s.running == Some(true) && s.restarting != Some(true));
+        if !running {
+            return Ok(None);
+        }
+        self.add_service_labels(&mut details).await?;
+        Ok(Some(details))
     }
 
     /// A Swarm task's address on `docker_gwbridge`, by container id: the engine lists it only in
     /// that network's own record, never in the container's (moby/libnetwork #1082, #2417). Empty
     /// unless `docker_gwbridge` is served.
-    async fn gateway_endpoints(
-        &self,
-        docker: &Docker,
-    ) -> Result<HashMap<String, Vec<IpAddr>>, SessionError> {
-        if !self.serves_network(GATEWAY_BRIDGE) {
+    async fn gateway_endpoints(&self) -> Result<HashMap<String, Vec<IpAddr>>, SessionError> {
+        if !self.served.contains(GATEWAY_BRIDGE) {
             return Ok(HashMap::new());
         }
         self.count(1);
-        match docker
+        match self
+            .docker
             .inspect_network(GATEWAY_BRIDGE, None::<InspectNetworkOptions>)
             .await
         {
@@ -642,38 +872,10 @@ impl Watcher {
         }
     }
 
-    /// The container if it is running (and on a served network), `None` if it is not.
-    async fn inspect(&self, docker: &Docker, id: &str) -> Result<Option<Container>, SessionError> {
-        let gateway = self.gateway_endpoints(docker).await?;
-        self.inspect_with(docker, id, &gateway).await
-    }
-
-    /// [`Watcher::inspect`] with the `docker_gwbridge` endpoints already read.
-    async fn inspect_with(
-        &self,
-        docker: &Docker,
-        id: &str,
-        gateway: &HashMap<String, Vec<IpAddr>>,
-    ) -> Result<Option<Container>, SessionError> {
-        self.count(1);
-        self.stats.inspects.fetch_add(1, Ordering::Relaxed);
-        let mut details = match docker.inspect_container(id, None).await {
-            Ok(details) => details,
-            // Gone between the event and the inspect.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        self.add_service_labels(docker, &mut details).await?;
-        Ok(to_container(details, &self.options, &self.served, gateway))
-    }
-
     /// A Swarm task takes the labels of its service (`docker service create --label`) under its
     /// own: a role set on the service selects it for every task, as a container label would.
     async fn add_service_labels(
         &self,
-        docker: &Docker,
         details: &mut ContainerInspectResponse,
     ) -> Result<(), SessionError> {
         let Some(config) = details.config.as_mut() else {
@@ -689,7 +891,7 @@ impl Watcher {
             return Ok(());
         };
         self.count(1);
-        let spec_labels = match docker.inspect_service(&service, None).await {
+        let spec_labels = match self.docker.inspect_service(&service, None).await {
             Ok(s) => s.spec.and_then(|s| s.labels).unwrap_or_default(),
             // The service is gone (its tasks are going): nothing to add.
             Err(bollard::errors::Error::DockerResponseServerError {
@@ -993,6 +1195,76 @@ mod tests {
         assert_eq!(first_host(v6), Some("fd00:db8:1::1".parse().expect("ip")));
         let v4: IpNet = "169.254.7.0/24".parse().expect("net");
         assert_eq!(first_host(v4), Some("169.254.7.1".parse().expect("ip")));
+    }
+
+    /// An asker whose engine is never reached (bollard connects lazily).
+    fn idle_asker() -> Asker {
+        Asker {
+            docker: Docker::connect_with_http(
+                "http://127.0.0.1:9",
+                1,
+                bollard::API_DEFAULT_VERSION,
+            )
+            .expect("a client"),
+            options: Arc::new(options()),
+            served: Arc::new(served(&["net"])),
+            stats: Arc::new(DockerStats::default()),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_about_a_container_removed_or_asked_about_again_meanwhile_is_not_applied() {
+        let asker = idle_asker();
+        let mut work = Inspections::default();
+        work.request(&asker, "a".into());
+        work.request(&asker, "b".into());
+        work.request(&asker, "c".into());
+        assert_eq!(work.running.len(), 3);
+        // A second event about `a` while it is inspected: one inspection, asked again after.
+        work.request(&asker, "a".into());
+        assert_eq!(work.running.len(), 3, "no second inspection at once");
+        assert_eq!(work.pending["a"], Since::Changed);
+        // `b` stopped and its removal was applied: what the inspection says of it is stale.
+        work.removed("b");
+        assert_eq!(work.pending["b"], Since::Removed);
+        // A removal does not cancel a pending second look.
+        work.removed("a");
+        assert_eq!(work.pending["a"], Since::Changed);
+        // Nothing happened to `c`; a removal of a container not under inspection is nothing.
+        work.removed("z");
+        assert_eq!(work.pending["c"], Since::Nothing);
+        assert!(!work.pending.contains_key("z"));
+        // A full listing outdates everything under way.
+        work.outdate_all();
+        assert!(work.pending.values().all(|s| *s == Since::Changed));
+    }
+
+    #[test]
+    fn an_answer_older_than_the_record_that_holds_its_address_is_overtaken() {
+        let (index, mut writer) = crate::index::index();
+        let container = |id: &str, ip: &str| {
+            let mut c = to_container(
+                details(true, &[("net", ip)]),
+                &options(),
+                &served(&["net"]),
+                &HashMap::new(),
+            )
+            .expect("running");
+            c.id = id.repeat(64);
+            c
+        };
+        let new_task = container("b", "10.0.0.3");
+        let _ = writer.apply(Change::Upsert(new_task.clone()));
+        // B's record was applied at 5.
+        let applied: HashMap<String, u64> = [(new_task.id.clone(), 5)].into();
+        // A's answer, asked for at 3, still shows A on B's address: A has stopped since.
+        let old_task = container("a", "10.0.0.3");
+        assert!(overtaken(&index, &applied, &old_task, 3));
+        // Asked for after B's record: the engine said it after B, so it is the newer word.
+        assert!(!overtaken(&index, &applied, &old_task, 5 + 1));
+        // A container's own earlier record never overtakes it, nor does an address nobody holds.
+        assert!(!overtaken(&index, &applied, &new_task, 0));
+        assert!(!overtaken(&index, &applied, &container("c", "10.0.0.9"), 0));
     }
 
     #[test]

@@ -235,7 +235,10 @@ async fn a_container_on_a_network_imdsd_does_not_serve_gets_no_role_until_named(
     )
     .await;
     let index = d.index.clone().expect("the daemon follows Docker");
-    eventually(Duration::from_secs(20), "the first sync", || index.is_ready()).await;
+    eventually(Duration::from_secs(20), "the first sync", || {
+        index.is_ready()
+    })
+    .await;
     let endpoint = format!("http://{}", d.addr);
 
     // Attached: its own role.
@@ -259,8 +262,14 @@ async fn a_container_on_a_network_imdsd_does_not_serve_gets_no_role_until_named(
         RUN_TIMEOUT,
     );
     assert_ne!(exit, 0, "{logs}");
-    assert!(logs.contains("404"), "an unattached container has no role: {logs}");
-    assert!(!logs.contains("fallback") && !logs.contains("role-a"), "{logs}");
+    assert!(
+        logs.contains("404"),
+        "an unattached container has no role: {logs}"
+    );
+    assert!(
+        !logs.contains("fallback") && !logs.contains("role-a"),
+        "{logs}"
+    );
     drop(d);
 
     // Named in --networks, the other network is served too.
