@@ -1074,22 +1074,26 @@ async fn swarm_up(h: &HostPlan, out: &Out) -> Result<(), Failure> {
 }
 
 async fn swarm_down(h: &HostPlan, out: &Out) -> Result<(), Failure> {
-    match inspect_network(&h.name).await? {
-        // Swarm's own endpoint (`ingress-sbox`) stays attached while the node is in a swarm.
-        Some(net) if net.managed() && !net.containers.is_empty() => Err(Failure::new(
+    // Docker lets the bridge go while the node is in a swarm (Swarm's own endpoint on it is not
+    // always listed), and the node's tasks then lose their way out: ask Docker about the swarm.
+    let state = Cmd::new("docker", ["info", "--format", "{{.Swarm.LocalNodeState}}"])
+        .run_ok()
+        .await?;
+    let state = state.trim();
+    if !matches!(state, "inactive" | "") {
+        return Err(Failure::new(
             format!(
-                "the swarm still uses {}: {} attached",
-                h.name,
-                net.containers.join(", ")
+                "this node is in a swarm (state {state}), which uses {}",
+                h.name
             ),
             format!(
                 "leave the swarm on this node first (docker swarm leave), then run down again; \
                  Docker keeps {} after the node leaves",
                 h.name
             ),
-        )),
-        _ => host_down(h, out).await,
+        ));
     }
+    host_down(h, out).await
 }
 
 // ---------------------------------------------------------------------------------------------
