@@ -330,9 +330,11 @@ impl Watcher {
         }));
         self.count(1);
 
+        let mut work = Work::default();
         self.full_sync(&docker, false)
             .await
             .map_err(|e| (e, false))?;
+        work.synced(&self.writer.reader());
         self.stats.connected.store(true, Ordering::Release);
         self.writer.set_ready();
         tracing::info!(
@@ -344,7 +346,6 @@ impl Watcher {
         let mut resync = tokio::time::interval(self.options.resync_every);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await;
-        let mut work = Work::default();
         // Asks from the index are answered at most once per ASK_INTERVAL: `look_at` is when the
         // pending ones will be.
         let mut look_at: Option<tokio::time::Instant> = None;
@@ -358,7 +359,6 @@ impl Watcher {
                 event = events.next() => match event {
                     Some(Ok(event)) => {
                         self.stats.events_applied.fetch_add(1, Ordering::Relaxed);
-                        work.seq += 1;
                         self.apply_event(&docker, event, &mut work).await.map_err(|e| (e, true))?;
                     }
                     Some(Err(e)) => return Err((e.into(), true)),
@@ -368,10 +368,8 @@ impl Watcher {
                     self.finish(done, &mut work).map_err(|e| (e, true))?;
                 }
                 _ = resync.tick() => {
-                    work.seq += 1;
                     self.full_sync(&docker, true).await.map_err(|e| (e, true))?;
-                    // What was in flight was asked before the listing: the listing is newer.
-                    work.forget_before(work.seq);
+                    work.synced(&self.writer.reader());
                 }
                 () = self.writer.asked(), if look_at.is_none() => {
                     look_at = Some(last_look + ASK_INTERVAL);
@@ -381,7 +379,6 @@ impl Watcher {
                     last_look = tokio::time::Instant::now();
                     let asked = self.writer.take_asks();
                     if !asked.is_empty() {
-                        work.seq += 1;
                         work.look(&docker, self, asked);
                     }
                 }
@@ -415,6 +412,7 @@ impl Watcher {
         let gateway = gateway_endpoints(docker, &self.served, &self.stats).await?;
         let index = self.writer.reader();
         let mut containers = Vec::with_capacity(running.len());
+        let mut inspected = Vec::new();
         for summary in running {
             let Some(id) = summary.id else { continue };
             let listed: HashSet<IpAddr> = summary
@@ -434,11 +432,18 @@ impl Watcher {
                 containers.push((*known).clone());
                 continue;
             }
-            let record =
-                fetch_record(docker, &id, &self.served, &self.stats, Some(&gateway)).await?;
-            if let Some(c) = record.and_then(|r| self.to_container(r)) {
-                containers.push(c);
+            if let Some(details) = fetch_details(docker, &id, &self.stats).await? {
+                inspected.push(details);
             }
+        }
+        if !inspected.is_empty() {
+            // Read again after the records (see `fetch_record`).
+            let gateway = gateway_endpoints(docker, &self.served, &self.stats).await?;
+            containers.extend(
+                inspected
+                    .into_iter()
+                    .filter_map(|d| to_container(d, &self.options, &self.served, &gateway)),
+            );
         }
         // A full listing leaves nothing in doubt.
         let _ = self.writer.apply(Change::Replace(containers));
@@ -563,7 +568,7 @@ impl Watcher {
                 // containers are filtered anew.
                 "create" | "destroy" | "remove" if self.refresh_networks(docker).await? => {
                     self.full_sync(docker, false).await?;
-                    work.forget_before(work.seq);
+                    work.synced(&self.writer.reader());
                 }
                 _ => {}
             },
@@ -577,7 +582,7 @@ impl Watcher {
     async fn relist(&mut self, docker: &Docker, work: &mut Work) -> Result<(), SessionError> {
         self.writer.set_unready();
         self.full_sync(docker, false).await?;
-        work.forget_before(work.seq);
+        work.synced(&self.writer.reader());
         self.writer.set_ready();
         Ok(())
     }
@@ -587,6 +592,16 @@ impl Watcher {
     /// displaced again by the answer stays in doubt, with a warning (two running containers
     /// claiming one address is not something to guess about).
     fn apply(&mut self, change: Change, work: &mut Work) {
+        match &change {
+            Change::Upsert(c) => {
+                let at = work.tick();
+                work.applied.insert(c.id.clone(), at);
+            }
+            Change::Remove { id } => {
+                work.applied.remove(id);
+            }
+            Change::Replace(_) | Change::Doubt { .. } => {}
+        }
         for id in self.writer.apply(change) {
             if work.displaced.insert(id.clone()) {
                 work.inspect(id);
@@ -609,6 +624,11 @@ impl Watcher {
                     return Ok(());
                 }
                 let change = match record?.and_then(|r| self.to_container(*r)) {
+                    Some(c) if overtaken(&self.writer.reader(), &work.applied, &c, asked_at) => {
+                        // Older than the record that holds one of its addresses: asked again.
+                        work.inspect(id);
+                        return Ok(());
+                    }
                     Some(c) => Change::Upsert(c),
                     None => Change::Remove { id },
                 };
@@ -656,12 +676,16 @@ enum Done {
 
 /// Round trips to the engine in flight, and what is needed to apply their answers in order.
 ///
-/// Every event bumps `seq`. An inspect remembers the `seq` it was asked at; its answer is applied
-/// only if it is the latest asked for that container and the container was not removed after it
-/// was asked (a record taken before a container died must not bring it back).
+/// `seq` counts what happens (a question asked, a removal, a record applied). An inspect's answer
+/// is applied only if it is the latest asked for that container, the container was not removed
+/// after it was asked (a record taken before a container died must not bring it back), and no
+/// address it claims is held by a container whose record was applied after it was asked (an
+/// older answer never displaces a newer one; it is asked again).
 #[derive(Default)]
 struct Work {
     seq: u64,
+    /// When each indexed container's record was applied.
+    applied: HashMap<String, u64>,
     inflight: futures::stream::FuturesUnordered<BoxFuture<'static, Done>>,
     /// Containers to inspect when a slot frees (beyond `MAX_INFLIGHT`), oldest first.
     queued: VecDeque<(String, u64)>,
@@ -678,13 +702,32 @@ struct Work {
 const MAX_INFLIGHT: usize = 16;
 
 impl Work {
+    fn tick(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
     fn inspect(&mut self, id: String) {
-        self.latest.insert(id.clone(), self.seq);
-        self.queued.push_back((id, self.seq));
+        let at = self.tick();
+        self.latest.insert(id.clone(), at);
+        self.queued.push_back((id, at));
     }
 
     fn removed(&mut self, id: &str) {
-        self.removed_at.insert(id.to_string(), self.seq);
+        let at = self.tick();
+        self.removed_at.insert(id.to_string(), at);
+    }
+
+    /// After a full listing: every answer asked before it is stale, and every container in the
+    /// index was recorded now.
+    fn synced(&mut self, index: &Index) {
+        let at = self.tick();
+        self.forget_before(at);
+        self.applied = index
+            .containers()
+            .iter()
+            .map(|c| (c.id.clone(), at))
+            .collect();
     }
 
     fn is_current(&mut self, id: &str, asked_at: u64) -> bool {
@@ -715,7 +758,7 @@ impl Work {
                 watcher.stats.clone(),
             );
             self.inflight.push(Box::pin(async move {
-                let record = fetch_record(&docker, &id, &served, &stats, None)
+                let record = fetch_record(&docker, &id, &served, &stats)
                     .await
                     .map(|r| r.map(Box::new));
                 Done::Inspected {
@@ -744,6 +787,19 @@ impl Work {
             Done::Listed { asked, holders }
         }));
     }
+}
+
+/// Whether an answer about `c`, asked at `asked_at`, claims an address held by another container
+/// whose record was applied after that: the answer is the older of the two.
+fn overtaken(index: &Index, applied: &HashMap<String, u64>, c: &Container, asked_at: u64) -> bool {
+    c.addresses.iter().any(|ip| {
+        index
+            .lookup(*ip)
+            .or_else(|| index.owner_in_doubt(*ip))
+            .is_some_and(|holder| {
+                holder.id != c.id && applied.get(&holder.id).is_some_and(|at| *at > asked_at)
+            })
+    })
 }
 
 /// The running containers that hold one of `asked` on a served network (or on
@@ -782,14 +838,29 @@ async fn holders_of(
 }
 
 /// A container's record (with its service's labels for a Swarm task, and the `docker_gwbridge`
-/// endpoints when that bridge is served), or `None` if it is gone.
+/// endpoints when that bridge is served), or `None` if it is gone or not running.
 async fn fetch_record(
     docker: &Docker,
     id: &str,
     served: &BTreeSet<String>,
     stats: &DockerStats,
-    gateway: Option<&HashMap<String, Vec<IpAddr>>>,
 ) -> Result<Option<Record>, SessionError> {
+    let Some(details) = fetch_details(docker, id, stats).await? else {
+        return Ok(None);
+    };
+    // Read after the container's own record: an address listed now belongs to the container
+    // found running (or to a later run of it), never to a predecessor on that address.
+    let gateway = gateway_endpoints(docker, served, stats).await?;
+    Ok(Some(Record { details, gateway }))
+}
+
+/// A running container's record with its service's labels, or `None` if it is gone or stopped
+/// (nothing more is asked about a container that is not running).
+async fn fetch_details(
+    docker: &Docker,
+    id: &str,
+    stats: &DockerStats,
+) -> Result<Option<ContainerInspectResponse>, SessionError> {
     stats.api_calls.fetch_add(1, Ordering::Relaxed);
     stats.inspects.fetch_add(1, Ordering::Relaxed);
     let mut details = match docker.inspect_container(id, None).await {
@@ -800,12 +871,15 @@ async fn fetch_record(
         }) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
+    let running = details
+        .state
+        .as_ref()
+        .is_some_and(|s| s.running == Some(true) && s.restarting != Some(true));
+    if !running {
+        return Ok(None);
+    }
     add_service_labels(docker, stats, &mut details).await?;
-    let gateway = match gateway {
-        Some(g) => g.clone(),
-        None => gateway_endpoints(docker, served, stats).await?,
-    };
-    Ok(Some(Record { details, gateway }))
+    Ok(Some(details))
 }
 
 /// A Swarm task's address on `docker_gwbridge`, by container id: the engine lists it only in
@@ -1210,6 +1284,62 @@ mod tests {
         ] {
             assert_eq!(container_effect(action), effect, "{action:?}");
         }
+    }
+
+    #[test]
+    fn an_answer_about_a_container_removed_or_asked_about_again_meanwhile_is_not_applied() {
+        let mut work = Work::default();
+        work.inspect("a".into());
+        let asked_a = work.seq;
+        work.removed("a");
+        assert!(
+            !work.is_current("a", asked_a),
+            "a record taken before the stop"
+        );
+        work.inspect("b".into());
+        let first = work.seq;
+        work.inspect("b".into());
+        let second = work.seq;
+        assert!(
+            !work.is_current("b", first),
+            "only the latest question counts"
+        );
+        assert!(work.is_current("b", second));
+        // A full listing makes every answer asked before it stale.
+        work.inspect("c".into());
+        let before = work.seq;
+        work.synced(&crate::index::index().0);
+        assert!(!work.is_current("c", before));
+    }
+
+    #[test]
+    fn an_answer_older_than_the_record_that_holds_its_address_is_overtaken() {
+        let (index, mut writer) = crate::index::index();
+        let mut work = Work::default();
+        let record = |id: &str| {
+            let mut c = to_container(
+                details(true, &[("net", "172.18.0.2")]),
+                &options(),
+                &served(&["net"]),
+                &HashMap::new(),
+            )
+            .expect("running");
+            c.id = id.repeat(64);
+            c
+        };
+        // A's inspect is asked; meanwhile B's record is applied, holding the same address.
+        work.inspect("a".repeat(64));
+        let asked_a = work.seq;
+        let b = record("b");
+        let _ = writer.apply(Change::Upsert(b.clone()));
+        let at = work.tick();
+        work.applied.insert(b.id.clone(), at);
+        assert!(overtaken(&index, &work.applied, &record("a"), asked_a));
+        // Asked after B's record was applied, A's answer is the newer one.
+        work.inspect("a".repeat(64));
+        assert!(!overtaken(&index, &work.applied, &record("a"), work.seq));
+        // B's own answer never overtakes itself.
+        assert!(!overtaken(&index, &work.applied, &b, asked_a));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! - `SKIP <check>: <why the check does not apply>` (never a failure)
 //!
 //! The checks, in order: `config`, `docker`, `identity`, `roles`, `listen`, `network`,
-//! `ec2-redirect`. Later checks use what earlier ones found (the Docker survey, the credential
+//! `ec2-redirect`, `metadata-route`. Later checks use what earlier ones found (the Docker survey, the credential
 //! source) and are skipped when it is missing, so one broken piece is reported once, where it is.
 //! The exit code is 0 when nothing failed and 1 otherwise (a configuration that does not parse is
 //! reported as `config` failures, not with the daemon's 64).
@@ -75,6 +75,7 @@ const IDENTITY: &str = "identity";
 const ROLES: &str = "roles";
 const LISTEN: &str = "listen";
 const NETWORK: &str = "network";
+const METADATA_ROUTE: &str = "metadata-route";
 const NETWORKS: &str = "networks";
 const EC2_REDIRECT: &str = "ec2-redirect";
 
@@ -90,7 +91,15 @@ pub async fn run(args: DoctorArgs) -> u8 {
             return 0;
         }
         ConfigOutcome::Invalid => {
-            for check in [DOCKER, IDENTITY, ROLES, LISTEN, NETWORK, EC2_REDIRECT] {
+            for check in [
+                DOCKER,
+                IDENTITY,
+                ROLES,
+                LISTEN,
+                NETWORK,
+                EC2_REDIRECT,
+                METADATA_ROUTE,
+            ] {
                 report.skip(check, "needs a valid configuration (see the config check)");
             }
             return report.finish();
@@ -103,6 +112,7 @@ pub async fn run(args: DoctorArgs) -> u8 {
     let on_host = check_listen(&mut report, &config.listen, &docker).await;
     check_network(&mut report, &on_host, &docker);
     check_ec2_redirect(&mut report, &|path| std::fs::read_to_string(path).ok()).await;
+    check_metadata_route(&mut report, &config).await;
     report.finish()
 }
 
@@ -1276,9 +1286,240 @@ fn find_imdsd_rule(save: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+// ---------------------------------------------------------------------------------------------
+// systemd-imdsd's prohibit route
+
+/// The instance metadata addresses, IPv4 and IPv6 (Nitro).
+const METADATA_ADDRESSES: [&str; 2] = ["169.254.169.254", "fd00:ec2::254"];
+/// systemd-imdsd@.service's Varlink socket (systemd 261 and later).
+const SYSTEMD_IMDSD_SOCKET: &str = "/run/systemd/io.systemd.InstanceMetadata";
+
+/// systemd ≥ 261 ships systemd-imdsd, a metadata *client* (not this project). In its default
+/// "locked" mode (`systemd.imds.network=locked` on the kernel command line) it adds a
+/// "prohibit" route for the metadata address, so that regular processes reach IMDS only
+/// through it. That matters to imdsd in proxy mode (imdsd itself must reach the real IMDS), and
+/// not to imdsd listening on the metadata address: a local address is delivered through the
+/// local routing table, which is looked up before the main table's routes.
+async fn check_metadata_route(report: &mut Report, config: &Config) {
+    let systemd_imdsd = std::path::Path::new(SYSTEMD_IMDSD_SOCKET).exists();
+    let neighbour = if systemd_imdsd {
+        format!("systemd-imdsd runs ({SYSTEMD_IMDSD_SOCKET})")
+    } else {
+        "no systemd-imdsd".to_string()
+    };
+    let mut blocks = Vec::new();
+    for family in ["-4", "-6"] {
+        for (what, args) in [
+            ("route", vec![family, "route", "show", "table", "all"]),
+            ("rule", vec![family, "rule", "show"]),
+        ] {
+            match ip_output(&args).await {
+                Ok(text) => blocks.extend(
+                    prohibitions(&text)
+                        .into_iter()
+                        .map(|l| format!("{what} `{l}`")),
+                ),
+                Err(e) => {
+                    report.skip(METADATA_ROUTE, format!("cannot read the routes: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+    if blocks.is_empty() {
+        report.pass(
+            METADATA_ROUTE,
+            format!("no prohibit route or rule for the metadata address; {neighbour}"),
+        );
+        return;
+    }
+    let found = blocks.join(", ");
+    let upstream_host = config.proxy.as_ref().and_then(|p| {
+        let rest = p
+            .upstream
+            .split_once("://")
+            .map_or(p.upstream.as_str(), |(_, r)| r);
+        let host = rest.split('/').next().unwrap_or_default();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.split(']').next())
+            .unwrap_or_else(|| host.rsplit_once(':').map_or(host, |(h, _)| h));
+        host.parse::<IpAddr>().ok()
+    });
+    let mut failed = false;
+    for address in METADATA_ADDRESSES {
+        let Ok(ip) = address.parse::<IpAddr>() else {
+            continue;
+        };
+        let route = route_to(ip).await;
+        let serves_it = config.listen.iter().any(|l| l.ip() == ip);
+        if upstream_host == Some(ip) && route == RouteTo::Prohibited {
+            failed = true;
+            report.fail(
+                METADATA_ROUTE,
+                format!(
+                    "proxy mode forwards to the real metadata service at {ip}, but this host \
+                     prohibits routing to it ({found}; {neighbour}): systemd-imdsd's \"locked\" \
+                     mode keeps every process but systemd-imdsd away from IMDS"
+                ),
+                "boot with systemd.imds.network=unlocked on the kernel command line (systemd-imdsd \
+                 keeps working, and IMDS is reachable directly again), or exempt imdsd in the \
+                 network configuration: a routing rule ahead of the prohibit route that sends \
+                 imdsd's own traffic to the metadata address (by its user, \
+                 `ip rule add uidrange UID-UID to 169.254.169.254 lookup TABLE`) to a table with \
+                 the instance's route",
+            );
+        } else if serves_it && route == RouteTo::Local {
+            report.pass(
+                METADATA_ROUTE,
+                format!(
+                    "{found} ({neighbour}), but imdsd listens on {ip}, an address of this host: \
+                     it is delivered through the local table, before that route, so containers \
+                     reach imdsd; only the real IMDS is out of reach for host processes"
+                ),
+            );
+        }
+    }
+    if !failed
+        && config.proxy.is_none()
+        && !config.listen.iter().any(|l| {
+            METADATA_ADDRESSES
+                .iter()
+                .any(|a| a.parse::<IpAddr>().ok() == Some(l.ip()))
+        })
+    {
+        report.pass(
+            METADATA_ROUTE,
+            format!(
+                "{found} ({neighbour}): imdsd neither forwards to the real IMDS nor listens on \
+                 the metadata address, so the route does not stand in its way"
+            ),
+        );
+    }
+}
+
+/// Runs `ip ARGS` and returns its output.
+async fn ip_output(args: &[&str]) -> Result<String, String> {
+    let mut command = tokio::process::Command::new("ip");
+    command
+        .args(args)
+        .env("LC_ALL", "C")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    match tokio::time::timeout(COMMAND_TIMEOUT, command.output()).await {
+        Ok(Ok(out)) if out.status.success() => {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+        Ok(Ok(out)) => Err(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Ok(Err(e)) => Err(format!("`ip` cannot run ({e}); install iproute2")),
+        Err(_) => Err(format!("`ip {}` did not finish", args.join(" "))),
+    }
+}
+
+/// The lines of `ip route show` or `ip rule show` that prohibit a metadata address.
+fn prohibitions(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words.contains(&"prohibit")
+                && words.iter().any(|w| {
+                    let w = w
+                        .strip_suffix("/32")
+                        .or_else(|| w.strip_suffix("/128"))
+                        .unwrap_or(w);
+                    METADATA_ADDRESSES.contains(&w)
+                })
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// How this host routes a packet to an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RouteTo {
+    /// An address of this host (the local table).
+    Local,
+    /// A prohibit route or rule: the sender gets EACCES.
+    Prohibited,
+    /// Anything else (a gateway, an interface, or no route).
+    Elsewhere,
+}
+
+async fn route_to(ip: IpAddr) -> RouteTo {
+    let ip = ip.to_string();
+    let mut command = tokio::process::Command::new("ip");
+    command
+        .args(["route", "get", &ip])
+        .env("LC_ALL", "C")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    match tokio::time::timeout(COMMAND_TIMEOUT, command.output()).await {
+        Ok(Ok(out)) => route_kind(
+            out.status.success(),
+            &String::from_utf8_lossy(&out.stdout),
+            &String::from_utf8_lossy(&out.stderr),
+        ),
+        _ => RouteTo::Elsewhere,
+    }
+}
+
+/// Reads `ip route get`'s answer: `local 169.254.169.254 dev lo table local …`, or a failure
+/// with "Permission denied" (EACCES, what a prohibit route answers), or "prohibit …".
+fn route_kind(ok: bool, stdout: &str, stderr: &str) -> RouteTo {
+    let first = stdout.split_whitespace().next().unwrap_or_default();
+    if ok && first == "local" {
+        RouteTo::Local
+    } else if first == "prohibit" || stderr.contains("Permission denied") {
+        RouteTo::Prohibited
+    } else {
+        RouteTo::Elsewhere
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prohibit_route_or_rule_for_the_metadata_address_is_found() {
+        let routes = "default via 192.0.2.1 dev eth0\nprohibit 169.254.169.254 \n\
+                      169.254.169.0/24 dev imdsd0 proto kernel scope link src 169.254.169.254\n\
+                      local 169.254.169.254 dev imdsd0 table local proto kernel scope host\n";
+        assert_eq!(prohibitions(routes), ["prohibit 169.254.169.254"]);
+        let v6 = "prohibit fd00:ec2::254 dev lo metric 1024 pref medium\n";
+        assert_eq!(prohibitions(v6).len(), 1);
+        let rules = "0:\tfrom all lookup local\n100:\tfrom all to 169.254.169.254 prohibit\n";
+        assert_eq!(
+            prohibitions(rules),
+            ["100:\tfrom all to 169.254.169.254 prohibit"]
+        );
+        assert!(prohibitions("prohibit 10.0.0.0/8\n").is_empty());
+        assert_eq!(
+            route_kind(
+                true,
+                "local 169.254.169.254 dev lo table local src 169.254.169.254",
+                ""
+            ),
+            RouteTo::Local
+        );
+        assert_eq!(
+            route_kind(false, "", "RTNETLINK answers: Permission denied"),
+            RouteTo::Prohibited
+        );
+        assert_eq!(
+            route_kind(
+                true,
+                "169.254.169.254 via 192.0.2.1 dev eth0 src 192.0.2.2",
+                ""
+            ),
+            RouteTo::Elsewhere
+        );
+    }
 
     fn survey() -> Survey {
         Survey {

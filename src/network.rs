@@ -11,6 +11,12 @@
 //! - `ec2`: on an EC2 host with containers on `docker0`, iptables rules that send the containers'
 //!   metadata requests to imdsd (REDIRECT to a port imdsd listens on at the bridge's address)
 //!   and keep every other interface off that port; each rule carries the comment `imdsd`.
+//! - `swarm`: a Swarm node's `docker_gwbridge`, the bridge through which every service task
+//!   reaches its host, created before the node joins a swarm with the metadata address as its
+//!   gateway (Docker's documented way to choose that bridge's settings: Swarm takes the network
+//!   it finds). Tasks then reach imdsd, a global service on the host network, at
+//!   169.254.169.254 on their default route. Labelled `imdsd.managed=true` like the host
+//!   layout's network; `down` removes only that, and only once the node has left the swarm.
 //!
 //! Everything is done with the operator's own tools (`docker`, `ip`, `iptables`), so `--dry-run`
 //! can print exactly the commands it would run, and an operator can check or undo any step by
@@ -50,6 +56,14 @@ const DEFAULT_BRIDGE_INTERFACE: &str = "docker0";
 const DEFAULT_PORT: u16 = 8169;
 
 const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
+/// The network, and its Linux bridge, through which Swarm tasks reach their host.
+const GATEWAY_BRIDGE: &str = crate::docker::GATEWAY_BRIDGE;
+/// What Swarm itself gives `docker_gwbridge` (Docker's documentation on customizing it): tasks
+/// do not talk to each other over it, and their traffic leaves the host masqueraded.
+const SWARM_BRIDGE_OPTIONS: [(&str, &str); 2] = [
+    ("com.docker.network.bridge.enable_icc", "false"),
+    ("com.docker.network.bridge.enable_ip_masquerade", "true"),
+];
 const COMPOSE_NETWORK_LABEL: &str = "com.docker.compose.network";
 const COMPOSE_PROJECT_LABEL: &str = "com.docker.compose.project";
 
@@ -84,6 +98,9 @@ pub enum Layout {
     Compose,
     /// imdsd on an EC2 host; iptables redirects the containers' metadata requests to it.
     Ec2,
+    /// imdsd as a Swarm global service; the node's docker_gwbridge has the metadata address as
+    /// its gateway (set up before the node joins the swarm).
+    Swarm,
 }
 
 impl fmt::Display for Layout {
@@ -92,6 +109,7 @@ impl fmt::Display for Layout {
             Layout::Host => "host",
             Layout::Compose => "compose",
             Layout::Ec2 => "ec2",
+            Layout::Swarm => "swarm",
         })
     }
 }
@@ -114,13 +132,13 @@ pub struct NetworkOptions {
     #[arg(long, value_name = "NAME", global = true)]
     pub network_name: Option<String>,
 
-    /// host, compose: the network's IPv4 subnet. [default: 169.254.169.0/24]
+    /// host, compose, swarm: the network's IPv4 subnet. [default: 169.254.169.0/24]
     #[arg(long, value_name = "CIDR", global = true)]
     pub subnet: Option<Ipv4Net>,
 
-    /// The metadata address. host: the network's gateway, the host's own address on it, where
-    /// imdsd listens; compose: imdsd's container address; ec2: the destination redirected to
-    /// imdsd. [default: 169.254.169.254]
+    /// The metadata address. host, swarm: the network's gateway, the host's own address on it,
+    /// where imdsd listens; compose: imdsd's container address; ec2: the destination redirected
+    /// to imdsd. [default: 169.254.169.254]
     #[arg(long, value_name = "IPV4", global = true)]
     pub address: Option<Ipv4Addr>,
 
@@ -160,6 +178,8 @@ pub async fn run(args: NetworkArgs) -> u8 {
         (Plan::Compose(c), NetworkAction::Down) => compose_down(c, &out).await,
         (Plan::Ec2(e), NetworkAction::Up) => ec2_up(e, &out).await,
         (Plan::Ec2(e), NetworkAction::Down) => ec2_down(e, &out).await,
+        (Plan::Swarm(h), NetworkAction::Up) => swarm_up(h, &out).await,
+        (Plan::Swarm(h), NetworkAction::Down) => swarm_down(h, &out).await,
     };
     match result {
         Ok(()) => 0,
@@ -178,6 +198,8 @@ enum Plan {
     Host(HostPlan),
     Compose(ComposePlan),
     Ec2(Ec2Plan),
+    /// The host layout's plan for `docker_gwbridge`, with Swarm's bridge options.
+    Swarm(HostPlan),
 }
 
 #[derive(Debug)]
@@ -186,6 +208,8 @@ struct HostPlan {
     subnet: Ipv4Net,
     address: Ipv4Addr,
     bridge: String,
+    /// Driver options besides the bridge's name (`--opt KEY=VALUE`).
+    options: Vec<(&'static str, &'static str)>,
 }
 
 #[derive(Debug)]
@@ -217,6 +241,7 @@ fn resolve(o: &NetworkOptions) -> Result<Plan, Vec<String>> {
         Layout::Host => &["--network-name", "--subnet", "--address", "--bridge"],
         Layout::Compose => &["--network-name", "--subnet", "--address"],
         Layout::Ec2 => &["--address", "--bridge-interface", "--port"],
+        Layout::Swarm => &["--subnet", "--address"],
     };
     for (flag, set) in given {
         if set && !applies.contains(&flag) {
@@ -284,6 +309,14 @@ fn resolve(o: &NetworkOptions) -> Result<Plan, Vec<String>> {
             subnet,
             address,
             bridge,
+            options: Vec::new(),
+        }),
+        Layout::Swarm => Plan::Swarm(HostPlan {
+            name: GATEWAY_BRIDGE.into(),
+            subnet,
+            address,
+            bridge: GATEWAY_BRIDGE.into(),
+            options: SWARM_BRIDGE_OPTIONS.to_vec(),
         }),
         Layout::Compose => Plan::Compose(ComposePlan {
             key: name,
@@ -747,10 +780,18 @@ impl HostPlan {
                 self.address.to_string(),
                 "--opt".into(),
                 format!("{BRIDGE_NAME_OPTION}={}", self.bridge),
+            ]
+            .into_iter()
+            .chain(
+                self.options
+                    .iter()
+                    .flat_map(|(k, v)| ["--opt".to_string(), format!("{k}={v}")]),
+            )
+            .chain([
                 "--label".into(),
                 format!("{MANAGED_LABEL}=true"),
                 self.name.clone(),
-            ],
+            ]),
         )
     }
 
@@ -952,6 +993,107 @@ async fn host_down(h: &HostPlan, out: &Out) -> Result<(), Failure> {
     let rm = Cmd::new("docker", ["network", "rm", h.name.as_str()]);
     out.change(&rm, "removed", &format!("docker network {}", h.name))
         .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// swarm: docker_gwbridge, made before the node joins, with the metadata address as its gateway
+
+async fn swarm_up(h: &HostPlan, out: &Out) -> Result<(), Failure> {
+    if let Some(net) = inspect_network(&h.name).await? {
+        let diffs = h.differences(&net);
+        if !diffs.is_empty() {
+            let gateway = net
+                .gateways
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "none".into());
+            return Err(Failure::new(
+                format!(
+                    "{} exists but differs from what the swarm layout needs: {} (Swarm creates \
+                     it when the node joins a swarm, and keeps it)",
+                    h.name,
+                    diffs.join(", ")
+                ),
+                format!(
+                    "with no task running on this node: docker swarm leave; docker network rm \
+                     {name}; imdsd network up --layout swarm; then join the swarm again. Or \
+                     keep it: run imdsd with --listen {gateway}:{METADATA_PORT} and give tasks \
+                     AWS_EC2_METADATA_SERVICE_ENDPOINT=http://{gateway}/",
+                    name = h.name
+                ),
+            ));
+        }
+        let whose = if net.managed() {
+            ""
+        } else {
+            "; not created by `imdsd network up`, so down will leave it"
+        };
+        out.say(
+            "exists",
+            &format!(
+                "docker network {} (subnet {}, gateway {}{whose})",
+                h.name, h.subnet, h.address
+            ),
+        );
+        host_address(h, out, Duration::ZERO).await?;
+    } else {
+        let clashes: Vec<String> = list_networks()
+            .await?
+            .iter()
+            .filter(|n| n.subnets.iter().any(|s| overlaps(s, &h.subnet)))
+            .map(NetInfo::describe)
+            .collect();
+        if !clashes.is_empty() {
+            return Err(Failure::new(
+                format!(
+                    "--subnet {} overlaps Docker network {}, so Docker cannot create {}",
+                    h.subnet,
+                    clashes.join("; "),
+                    h.name
+                ),
+                "remove that network (the host layout's: imdsd network down), or choose another \
+                 --subnet and --address",
+            ));
+        }
+        out.change(&h.create(), "added", &h.describe()).await?;
+        if !out.dry_run {
+            host_address(h, out, ADDRESS_WAIT).await?;
+        }
+    }
+    out.say(
+        "next",
+        &format!(
+            "join the swarm now if this node has not (docker swarm init, or docker swarm join): \
+             Swarm uses this {name}. Then deploy deploy/swarm/imdsd-stack.yml (imdsd on every \
+             node, --listen {address}:{METADATA_PORT}); service tasks reach it at http://{address}",
+            name = h.name,
+            address = h.address
+        ),
+    );
+    Ok(())
+}
+
+async fn swarm_down(h: &HostPlan, out: &Out) -> Result<(), Failure> {
+    // Docker lets the bridge go while the node is in a swarm (Swarm's own endpoint on it is not
+    // always listed), and the node's tasks then lose their way out: ask Docker about the swarm.
+    let state = Cmd::new("docker", ["info", "--format", "{{.Swarm.LocalNodeState}}"])
+        .run_ok()
+        .await?;
+    let state = state.trim();
+    if !matches!(state, "inactive" | "") {
+        return Err(Failure::new(
+            format!(
+                "this node is in a swarm (state {state}), which uses {}",
+                h.name
+            ),
+            format!(
+                "leave the swarm on this node first (docker swarm leave), then run down again; \
+                 Docker keeps {} after the node leaves",
+                h.name
+            ),
+        ));
+    }
+    host_down(h, out).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1263,6 +1405,33 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        match parse(&["up", "--layout", "swarm"]).expect("valid") {
+            Plan::Swarm(h) => {
+                assert_eq!(
+                    (h.name.as_str(), h.bridge.as_str()),
+                    (GATEWAY_BRIDGE, GATEWAY_BRIDGE)
+                );
+                assert_eq!(h.address, METADATA_ADDRESS);
+                // Swarm's own settings for the bridge, with the metadata address as gateway.
+                assert_eq!(
+                    h.create().shell(),
+                    "docker network create --driver bridge --subnet 169.254.169.0/24 --gateway \
+                     169.254.169.254 --opt com.docker.network.bridge.name=docker_gwbridge --opt \
+                     com.docker.network.bridge.enable_icc=false --opt \
+                     com.docker.network.bridge.enable_ip_masquerade=true --label \
+                     imdsd.managed=true docker_gwbridge"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // The bridge is Docker's: its name is not a setting of the swarm layout.
+        let text = parse(&["up", "--layout", "swarm", "--bridge", "br0"])
+            .expect_err("invalid")
+            .join("\n");
+        assert!(
+            text.contains("--bridge does not apply to the swarm layout"),
+            "{text}"
+        );
         // Options go before or after the action.
         assert!(matches!(
             parse(&["up", "--layout", "compose"]),

@@ -273,9 +273,9 @@ async fn a_container_on_a_network_imdsd_does_not_serve_gets_no_role_until_named(
     // Counted as a refusal, by reason.
     let metrics = common::raw(d.admin.expect("admin API"), "GET", "/metrics", &[]).text();
     assert!(
-        metrics.lines().any(|l| l.starts_with(
-            "imdsd_requests_refused_total{listener=\"metadata\",reason=\"network\"}"
-        ) && !l.ends_with(" 0")),
+        metrics.lines().any(|l| l
+            .starts_with("imdsd_requests_refused_total{listener=\"metadata\",reason=\"network\"}")
+            && !l.ends_with(" 0")),
         "{metrics}"
     );
     drop(d);

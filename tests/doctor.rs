@@ -71,7 +71,21 @@ impl std::fmt::Display for Outcome {
 /// Runs `imdsd doctor ARGS` with a clean AWS environment plus `env`. Fails the test if it takes
 /// longer than a minute: the doctor bounds every network operation and must never hang.
 fn doctor(args: &[&str], env: &[(&str, &str)]) -> Outcome {
-    let mut child = aws_clean_command(Path::new(env!("CARGO_BIN_EXE_imdsd")))
+    doctor_in(None, args, env)
+}
+
+/// [`doctor`], inside the network namespace `netns` (`ip netns exec`) when given.
+fn doctor_in(netns: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Outcome {
+    let binary = Path::new(env!("CARGO_BIN_EXE_imdsd"));
+    let mut command = match netns {
+        Some(ns) => {
+            let mut c = aws_clean_command(Path::new("ip"));
+            c.args(["netns", "exec", ns]).arg(binary);
+            c
+        }
+        None => aws_clean_command(binary),
+    };
+    let mut child = command
         .arg("doctor")
         .args(args)
         .env_remove("DOCKER_HOST")
@@ -568,5 +582,147 @@ fn a_link_local_address_no_docker_network_contains_fails_network() {
     assert!(
         fix.contains("imdsd network up") && fix.contains("docker network create --subnet"),
         "{line}"
+    );
+}
+
+/// A network namespace of this test's own (`ip netns add`), deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn create(tag: &str) -> Netns {
+        let name = format!("imdsd-doctor-{}-{tag}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run `ip netns add` (iproute2, root): {e}"));
+        assert!(
+            out.status.success(),
+            "ip netns add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ns = Netns(name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip ARGS` inside the namespace; panics with its message unless it succeeds.
+    fn ip(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "ip"])
+            .args(args)
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run `ip netns exec` (iproute2, root): {e}"));
+        assert!(
+            out.status.success(),
+            "ip {} in {}: {}",
+            args.join(" "),
+            self.0,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `ip route get ADDRESS` inside the namespace: its answer, or its error.
+    fn route_get(&self, address: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "ip", "route", "get", address])
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .output()
+            .expect("ip route get");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_prohibit_route_for_the_metadata_address_fails_proxy_mode_and_not_a_local_listen_address() {
+    // A host where systemd-imdsd's locked mode is in force, as far as routing goes: the test's
+    // own namespace with the prohibit route the test adds itself.
+    let ns = Netns::create("route");
+    ns.ip(&["route", "add", "prohibit", "169.254.169.254/32"]);
+    assert!(
+        ns.route_get("169.254.169.254")
+            .contains("Permission denied"),
+        "the route prohibits: {}",
+        ns.route_get("169.254.169.254")
+    );
+    let common = [
+        "--docker-host",
+        "none",
+        "--fake-credentials",
+        "--admin-listen",
+        "none",
+    ];
+
+    // Proxy mode: imdsd itself must reach the real IMDS, which the route forbids.
+    let proxy = doctor_in(
+        Some(&ns.0),
+        &[
+            &common[..],
+            &["--mode", "proxy", "--listen", "127.0.0.1:8169"],
+        ]
+        .concat(),
+        &[],
+    );
+    assert_eq!(proxy.code, 1, "{proxy}");
+    let line = proxy.one("FAIL", "metadata-route");
+    assert!(
+        line.contains("route `prohibit 169.254.169.254`")
+            && line.contains("proxy mode")
+            && line.contains("fix: boot with systemd.imds.network=unlocked")
+            && line.contains("ip rule add uidrange"),
+        "{proxy}"
+    );
+
+    // Host mode with the metadata address on this host: delivered through the local table,
+    // before the prohibit route in main.
+    ns.ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    assert!(
+        ns.route_get("169.254.169.254")
+            .starts_with("local 169.254.169.254"),
+        "a local address wins over the prohibit route: {}",
+        ns.route_get("169.254.169.254")
+    );
+    let host = doctor_in(
+        Some(&ns.0),
+        &[&common[..], &["--listen", "169.254.169.254:80"]].concat(),
+        &[],
+    );
+    assert!(!host.has("FAIL", "metadata-route"), "{host}");
+    let line = host.one("PASS", "metadata-route");
+    assert!(
+        line.contains("route `prohibit 169.254.169.254`") && line.contains("local table"),
+        "{host}"
+    );
+
+    // Without the route, nothing to report.
+    ns.ip(&["route", "del", "prohibit", "169.254.169.254/32"]);
+    let clear = doctor_in(
+        Some(&ns.0),
+        &[
+            &common[..],
+            &["--mode", "proxy", "--listen", "127.0.0.1:8169"],
+        ]
+        .concat(),
+        &[],
+    );
+    assert!(
+        clear
+            .one("PASS", "metadata-route")
+            .contains("no prohibit route or rule for the metadata address"),
+        "{clear}"
     );
 }
