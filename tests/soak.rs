@@ -16,7 +16,8 @@
 //!   that what imdsd serves during the outage is checked too.
 //! - **Afterwards**, from every container's log (collected before it is removed): no round names
 //!   a role or session that is not the container's own; no 5xx outside the outage window plus
-//!   [`GRACE`], neither as the callers met them nor as the daemon's metrics counted them; every
+//!   [`GRACE`], neither as the callers met them nor as the daemon's metrics counted them, and none
+//!   at all for a caller served before the outage (its credentials were cached); every
 //!   container that ran long enough got checked credentials; the daemon's resident memory and open
 //!   descriptors, sampled every [`SAMPLE_EVERY`], are flat after warm-up by [`flat`]'s criterion.
 //!
@@ -782,6 +783,9 @@ fn soak_many_callers_with_churn_and_an_sts_outage_get_only_their_own_roles() {
     let mut caller_5xx_in = 0u64;
     let mut caller_5xx_out: Vec<String> = Vec::new();
     let mut callers_with_5xx = 0usize;
+    // Callers served before STS went down, that met a 5xx afterwards: their credentials were
+    // cached, valid for an hour, so imdsd had no reason to fail them.
+    let mut cached_5xx: Vec<String> = Vec::new();
     let mut failed_in = 0u64;
     let mut failed_out: Vec<String> = Vec::new();
     let mut transport_errors = 0u64;
@@ -790,6 +794,7 @@ fn soak_many_callers_with_churn_and_an_sts_outage_get_only_their_own_roles() {
         let expected_arn = format!("arn:aws:sts::{ACCOUNT}:assumed-role/{}/{}", f.role, f.name);
         let mut own_checked = 0;
         let mut saw_5xx = false;
+        let mut served_before_outage = false;
         for line in lines(&f.stdout) {
             let Some(at) = line["at_ms"].as_u64() else {
                 continue;
@@ -824,6 +829,9 @@ fn soak_many_callers_with_churn_and_an_sts_outage_get_only_their_own_roles() {
                 .filter_map(Value::as_u64)
             {
                 saw_5xx = true;
+                if served_before_outage {
+                    cached_5xx.push(format!("{} at {:.1}s: {line}", f.name, secs(t)));
+                }
                 if window.contains(&t) {
                     caller_5xx_in += 1;
                 } else {
@@ -838,6 +846,8 @@ fn soak_many_callers_with_churn_and_an_sts_outage_get_only_their_own_roles() {
                     failed_out.push(format!("{} at {:.1}s: {line}", f.name, secs(at)));
                 }
             }
+            let end = at + line["elapsed_ms"].as_u64().unwrap_or(0);
+            served_before_outage |= line["caller_arn"].is_string() && end < outage_from_ms;
         }
         callers_with_5xx += usize::from(saw_5xx);
         // Long enough outside the outage to have had a few rounds: it must have been served.
@@ -912,6 +922,7 @@ fn soak_many_callers_with_churn_and_an_sts_outage_get_only_their_own_roles() {
         "daemon_5xx_in_outage": server_5xx_in,
         "daemon_5xx_outside": server_5xx_out.len(),
         "callers_that_met_a_5xx": callers_with_5xx,
+        "callers_served_before_the_outage_that_met_a_5xx": cached_5xx.len(),
         "failed_rounds_in_outage": failed_in,
         "failed_rounds_outside": failed_out.len(),
         "transport_errors": transport_errors,
@@ -933,6 +944,7 @@ fn soak_many_callers_with_churn_and_an_sts_outage_get_only_their_own_roles() {
             "wrong": wrong.iter().take(5).collect::<Vec<_>>(),
             "caller_5xx_outside": caller_5xx_out.iter().take(5).collect::<Vec<_>>(),
             "daemon_5xx_outside": server_5xx_out.iter().take(5).collect::<Vec<_>>(),
+            "cached_5xx": cached_5xx.iter().take(5).collect::<Vec<_>>(),
             "failed_outside": failed_out.iter().take(10).collect::<Vec<_>>(),
         },
     });
@@ -968,6 +980,11 @@ fn soak_many_callers_with_churn_and_an_sts_outage_get_only_their_own_roles() {
         "5xx outside the outage window:\ncallers: {}\ndaemon: {}",
         caller_5xx_out.join("\n"),
         server_5xx_out.join("\n")
+    );
+    assert!(
+        cached_5xx.is_empty(),
+        "callers whose credentials were cached before the outage met a 5xx:\n{}",
+        cached_5xx.join("\n")
     );
     assert!(
         resets > 0,
