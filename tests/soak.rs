@@ -23,7 +23,8 @@
 //!
 //! Knobs (environment): `IMDSD_SOAK_SECS` (default 60), `IMDSD_SOAK_CALLERS` (containers at once,
 //! default 12), `IMDSD_SOAK_REPORT` (where the figures go as JSON; default
-//! `target/tmp/soak-report.json`). Everything is bounded: the run, every container's own probing
+//! `target/tmp/soak-report.json`; the daemon's log and every caller's rounds go beside it, as
+//! `soak-report.daemon.log` and `soak-report.callers.log`). Everything is bounded: the run, every container's own probing
 //! (`--for`), and the number of containers (callers plus one per churn step). Traffic stays on
 //! loopback and the test's own network.
 
@@ -33,6 +34,7 @@ mod docker;
 #[path = "support/sts.rs"]
 mod sts_support;
 
+use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -804,23 +806,21 @@ fn soak_many_callers_with_churn_and_an_sts_outage_get_only_their_own_roles() {
             requests += statuses.values().filter_map(Value::as_u64).sum::<u64>();
             transport_errors += line["transport_errors"].as_u64().unwrap_or(0);
             // What imdsd listed, and what STS says the credentials are.
-            if let Some(role) = line["role"].as_str()
-                && role != f.role
-            {
-                wrong.push(format!(
-                    "{} ({}, {}): listed {role}: {line}",
-                    f.name, f.role, f.ip
-                ));
-            }
-            if let Some(arn) = line["caller_arn"].as_str() {
+            let listed = line["role"].as_str();
+            let arn = line["caller_arn"].as_str();
+            if arn.is_some() {
                 checked += 1;
                 own_checked += 1;
-                if arn != expected_arn {
-                    wrong.push(format!(
-                        "{} ({}, {}): STS says {arn}: {line}",
-                        f.name, f.role, f.ip
-                    ));
-                }
+            }
+            if listed.is_some_and(|r| r != f.role) || arn.is_some_and(|a| a != expected_arn) {
+                wrong.push(format!(
+                    "{} ({}, {}, started at {:.1}s) at {:.1}s: {line}",
+                    f.name,
+                    f.role,
+                    f.ip,
+                    f.started.as_secs_f64(),
+                    secs(at)
+                ));
             }
             for t in line["http_5xx_at_ms"]
                 .as_array()
@@ -900,6 +900,7 @@ fn soak_many_callers_with_churn_and_an_sts_outage_get_only_their_own_roles() {
     let server_requests = end.requests;
 
     let report = json!({
+        "started_unix_ms": wall0_ms,
         "duration_s": plan.duration.as_secs(),
         "ran_s": elapsed.as_secs(),
         "callers_at_once": plan.callers,
@@ -956,6 +957,24 @@ fn soak_many_callers_with_churn_and_an_sts_outage_get_only_their_own_roles() {
         serde_json::to_string_pretty(&report).expect("json") + "\n",
     )
     .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    // Beside it, for a post-mortem: the daemon's log, and every caller's rounds.
+    let mut callers_log = String::new();
+    for f in &finished {
+        let _ = writeln!(
+            callers_log,
+            "# {} {} {} {:.1}s-{:.1}s",
+            f.name,
+            f.role,
+            f.ip,
+            f.started.as_secs_f64(),
+            f.ended.as_secs_f64()
+        );
+        callers_log.push_str(&f.stdout);
+    }
+    for (suffix, text) in [("daemon.log", &daemon_log), ("callers.log", &callers_log)] {
+        let file = path.with_extension(suffix);
+        std::fs::write(&file, text).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+    }
     eprintln!(
         "soak: report in {}\n{}",
         path.display(),
@@ -971,7 +990,7 @@ fn soak_many_callers_with_churn_and_an_sts_outage_get_only_their_own_roles() {
     );
     assert!(
         wrong.is_empty(),
-        "{} answers for a role that was not the caller's own:\n{}",
+        "{} rounds answered with a role or session that was not the caller's own:\n{}",
         wrong.len(),
         wrong.join("\n")
     );
