@@ -385,10 +385,14 @@ impl Imds {
         if self.options.strict_expect && headers.contains_key(header::EXPECT) {
             return Err(Early::Error(StatusCode::EXPECTATION_FAILED));
         }
-        headers
-            .get(TOKEN_TTL_HEADER)
-            .and_then(|v| token::parse_ttl(v.as_bytes()))
-            .ok_or(Early::Error(StatusCode::BAD_REQUEST))
+        // Exactly one TTL: two header lines (or one comma-joined list, which `parse_ttl` refuses)
+        // leave it open which one was meant.
+        let mut ttls = headers.get_all(TOKEN_TTL_HEADER).iter();
+        match (ttls.next(), ttls.next()) {
+            (Some(ttl), None) => token::parse_ttl(ttl.as_bytes()),
+            _ => None,
+        }
+        .ok_or(Early::Error(StatusCode::BAD_REQUEST))
     }
 
     /// What `workload` gets for a request that passed [`Imds::check`].
