@@ -25,6 +25,9 @@ use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
 /// The names accepted without being listed: loopback's, and EC2's own for the service.
 const BUILT_IN: [&str; 3] = ["localhost", "instance-data", "instance-data.ec2.internal"];
 
+/// The metadata service's address, as SDKs send it when left to their defaults.
+const EC2_ADDRESS: &[u8] = b"169.254.169.254";
+
 /// How much of a refused value the logs show.
 const SHOWN_BYTES: usize = 64;
 
@@ -160,7 +163,15 @@ impl AllowedHosts {
     }
 
     /// Whether one `Host` value (`host[:port]`) is accepted.
+    #[inline]
     pub fn allows(&self, host: &[u8]) -> bool {
+        // What SDKs send by default, and nearly every request carries: compared whole, in line,
+        // which costs less than reading it as an address.
+        host == EC2_ADDRESS || self.allows_parsed(host)
+    }
+
+    /// [`AllowedHosts::allows`] for anything but [`EC2_ADDRESS`].
+    fn allows_parsed(&self, host: &[u8]) -> bool {
         match host.first() {
             None => return true,
             // What every SDK sends: 169.254.169.254, 127.0.0.1:8169. A name may start with a
@@ -186,33 +197,32 @@ impl AllowedHosts {
     }
 }
 
-/// A dotted quad (four decimal parts of 0 to 255, without leading zeros), then an optional port.
+/// A dotted quad (four decimal parts of 0 to 255, without leading zeros), then an optional port;
+/// in one pass over the bytes.
 fn is_ipv4_with_port(s: &[u8]) -> bool {
-    let mut i = 0;
-    for part in 0..4 {
-        if part > 0 {
-            if s.get(i) != Some(&b'.') {
-                return false;
+    // Dots seen, and the current part's value and digits.
+    let (mut dots, mut value, mut digits) = (0u8, 0u32, 0u8);
+    let mut bytes = s.iter();
+    while let Some(&b) = bytes.next() {
+        match b {
+            b'0'..=b'9' => {
+                // "0" is a part; "01" is not (an octal form to some parsers).
+                if digits == 1 && value == 0 {
+                    return false;
+                }
+                value = value * 10 + u32::from(b - b'0');
+                digits += 1;
+                // Also ends overlong parts: four digits without a leading zero exceed 255.
+                if value > 255 {
+                    return false;
+                }
             }
-            i += 1;
-        }
-        let start = i;
-        let mut value = 0u32;
-        while let Some(&d) = s.get(i)
-            && d.is_ascii_digit()
-        {
-            if i - start == 3 {
-                return false;
-            }
-            value = value * 10 + u32::from(d - b'0');
-            i += 1;
-        }
-        let len = i - start;
-        if len == 0 || value > 255 || (len > 1 && s[start] == b'0') {
-            return false;
+            b'.' if digits > 0 && dots < 3 => (dots, value, digits) = (dots + 1, 0, 0),
+            b':' if digits > 0 && dots == 3 => return is_port(bytes.as_slice()),
+            _ => return false,
         }
     }
-    port_or_nothing(&s[i..])
+    digits > 0 && dots == 3
 }
 
 /// `[v6]`, then an optional port.

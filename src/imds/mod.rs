@@ -256,9 +256,10 @@ impl Imds {
         if let Err(refused) = self.options.allowed_hosts.check(&seen.host, request.uri()) {
             seen.refused_host = Some(refused);
             // The caller, when known without waiting, names the line and keeps its repeats down.
+            // (Not through the connection's memo: its one call below stays inlined.)
             let outcome = Outcome {
                 response: self.responder.error(refused.status()),
-                workload: self.identity.resolve_now_on(caller, connection),
+                workload: self.identity.resolve_now(caller),
             };
             let response = self.finish(&request, &seen, &path, caller, started, outcome);
             return Handled::Ready(std::future::ready(response));
