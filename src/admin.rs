@@ -1,6 +1,11 @@
 //! The admin API, on its own listener (`--admin-listen`, loopback by default, never the metadata
 //! address): `/healthz`, `/readyz`, `/metrics` (Prometheus) and `/v1/workloads` (which container
 //! gets which role). Read-only; it never shows a secret.
+//!
+//! It applies the Host rule of every listener ([`crate::host`]): loopback is no protection from a
+//! web page that rebinds a name of its own to 127.0.0.1, and `/v1/container-token` hands out what
+//! unlocks the container-credentials endpoint. A refused request gets a plain-text 403 and a
+//! warning in the log, at most a few a second (a flood is counted, not written).
 
 use std::sync::Arc;
 
@@ -15,8 +20,15 @@ use crate::clock::format_iso8601;
 use crate::credentials::broker::Broker;
 use crate::credentials::observed::SourceHealth;
 use crate::ecs::AuthTokens;
+use crate::host::{AllowedHosts, Refused as HostRefused, shown};
 use crate::identity::{Identity, RoleState};
 use crate::index::Index;
+use crate::logging::Throttle;
+use crate::metrics::{LISTENER_ADMIN, Metrics, REFUSED_HOST};
+
+/// Warnings about refused requests written per second ([`Admin::refusal_warnings`]); the rest
+/// are counted.
+pub const REFUSAL_WARNINGS_PER_SECOND: u32 = 5;
 
 /// What the admin API reads.
 pub struct Admin {
@@ -27,6 +39,11 @@ pub struct Admin {
     pub source: SourceHealth,
     /// Derives the container-credentials endpoint's per-container tokens.
     pub container_tokens: AuthTokens,
+    /// The names accepted as `Host` besides addresses; the metadata listener's own.
+    pub allowed_hosts: AllowedHosts,
+    pub metrics: Arc<Metrics>,
+    /// Keeps the warnings about refused requests to a few a second.
+    pub refusal_warnings: Throttle,
 }
 
 impl std::fmt::Debug for Admin {
@@ -52,7 +69,14 @@ const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
 
 impl Admin {
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
+    pub async fn handle<B>(
+        &self,
+        req: Request<B>,
+        caller: std::net::IpAddr,
+    ) -> Response<Full<Bytes>> {
+        if let Err(refused) = self.allowed_hosts.check_request(&req) {
+            return self.refuse_host(&req, caller, refused);
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "only GET\n");
         }
@@ -79,6 +103,38 @@ impl Admin {
                 "not found; try /healthz, /readyz, /metrics or /v1/workloads\n",
             ),
         }
+    }
+
+    /// A request the Host rule refused: counted, warned about (within the throttle), and answered
+    /// with nothing but the fix.
+    fn refuse_host<B>(
+        &self,
+        req: &Request<B>,
+        caller: std::net::IpAddr,
+        refused: HostRefused<'_>,
+    ) -> Response<Full<Bytes>> {
+        self.metrics.request_refused(LISTENER_ADMIN, REFUSED_HOST);
+        if let Some(suppressed) = self.refusal_warnings.admit(std::time::Instant::now()) {
+            tracing::warn!(
+                caller = %caller,
+                method = %req.method(),
+                path = shown(req.uri().path().as_bytes()),
+                host = refused.shown(),
+                status = refused.status().as_u16(),
+                suppressed,
+                "refused an admin API request for its Host header (a web page rebinding a name to \
+                 this address sends its own name); call the admin API by its address, or list the \
+                 name with --allowed-host"
+            );
+        }
+        let body = match refused {
+            HostRefused::Duplicate(_) => "bad request: more than one Host header\n",
+            HostRefused::NotAllowed(_) => {
+                "forbidden: the Host header must be an IP address, localhost, or a name listed \
+                 with --allowed-host\n"
+            }
+        };
+        respond(refused.status(), TEXT, body)
     }
 
     /// `?container=NAME` (a container's name, known before it starts) or `?ip=ADDR` (a caller

@@ -26,6 +26,7 @@ use crate::imds::Imds;
 use crate::imds::token::Tokens;
 use crate::imds::tree::Tree;
 use crate::index::Index;
+use crate::logging::{RepeatFilter, Throttle};
 use crate::metrics::Metrics;
 use crate::server::{self, Connections};
 use crate::state::StateDir;
@@ -188,6 +189,9 @@ impl App {
             broker: broker.clone(),
             auth: config.ecs_auth.then(|| ecs_tokens.clone()),
             access_log_limits: config.imds.access_log_limits.clone(),
+            allowed_hosts: config.imds.allowed_hosts.clone(),
+            metrics: metrics.clone(),
+            refusals: RepeatFilter::default(),
         });
         let admin = Arc::new(Admin {
             registry: crate::metrics::registry(
@@ -201,6 +205,9 @@ impl App {
             index: index.clone(),
             source: source_health,
             container_tokens: ecs_tokens,
+            allowed_hosts: config.imds.allowed_hosts.clone(),
+            metrics: metrics.clone(),
+            refusal_warnings: Throttle::new(crate::admin::REFUSAL_WARNINGS_PER_SECOND),
         });
 
         let server_options =
@@ -302,11 +309,11 @@ impl App {
         if let (Some(listener), Some(addr)) = (self.admin_listener, self.admin_addr) {
             tracing::info!(addr = %addr, "serving admin API");
             let admin = self.admin.clone();
-            let handler = Arc::new(move |_caller| {
+            let handler = Arc::new(move |caller| {
                 let admin = admin.clone();
                 move |req| {
                     let admin = admin.clone();
-                    async move { admin.handle(req).await }
+                    async move { admin.handle(req, caller).await }
                 }
             });
             tasks.spawn(server::serve(

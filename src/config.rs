@@ -20,6 +20,7 @@ use serde::Deserialize;
 use crate::credentials::broker::BrokerConfig;
 use crate::credentials::fake::DEFAULT_LIFETIME;
 use crate::docker::{DockerOptions, NetworkScope};
+use crate::host::AllowedHosts;
 use crate::identity::container::{ContainerRules, DEFAULT_UNKNOWN_CALLER_WAIT, SessionKey};
 use crate::identity::mapping::RoleMapping;
 use crate::identity::role::{AccountContext, RoleSpec, parse_account_map};
@@ -78,6 +79,18 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub listen: Vec<String>,
+
+    /// A name callers may use for imdsd in the Host header (e.g. a compose service name), on
+    /// every listener; repeat for several. IP addresses, localhost, instance-data and
+    /// instance-data.ec2.internal are always accepted; other names get 403 (DNS rebinding).
+    #[arg(
+        help_heading = "Metadata service",
+        long,
+        env = "IMDSD_ALLOWED_HOSTS",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub allowed_host: Vec<String>,
 
     /// IMDSv2 policy: "optional" serves requests without a token too, "required" answers them 401.
     /// [default: optional]
@@ -452,6 +465,7 @@ pub enum Command {
 pub struct FileConfig {
     pub default_role: Option<String>,
     pub listen: Option<Vec<String>>,
+    pub allowed_host: Option<Vec<String>>,
     pub http_tokens: Option<String>,
     pub http_endpoint: Option<String>,
     pub fake_credentials: Option<bool>,
@@ -764,6 +778,7 @@ impl Resolver<'_> {
 fn flag_to_key(flag: &'static str) -> &'static str {
     match flag {
         "default-role" => "default_role",
+        "allowed-host" => "allowed_host",
         "http-tokens" => "http_tokens",
         "http-endpoint" => "http_endpoint",
         "fake-credentials" => "fake_credentials",
@@ -903,6 +918,23 @@ fn resolve(
         None => listen
             .push(parse_listen(DEFAULT_LISTEN).map_err(|e| ConfigError { problems: vec![e] })?),
     }
+
+    // Unlike other lists, an empty entry is a mistake worth naming, not one to drop.
+    let allowed_hosts = match r.pick(
+        "allowed_host",
+        "allowed-host",
+        "IMDSD_ALLOWED_HOSTS",
+        (!cli.allowed_host.is_empty()).then(|| cli.allowed_host.clone()),
+        file.allowed_host.clone(),
+    ) {
+        Some((names, origin)) => AllowedHosts::new(&names).unwrap_or_else(|problems| {
+            for p in problems {
+                r.problem(&origin, p);
+            }
+            AllowedHosts::default()
+        }),
+        None => AllowedHosts::default(),
+    };
 
     let http_tokens = {
         let picked = r.pick(
@@ -1436,6 +1468,7 @@ fn resolve(
             } else {
                 Connection::Close
             },
+            allowed_hosts,
         },
         server: ServerOptions {
             keep_alive,
@@ -2140,6 +2173,71 @@ mod tests {
     }
 
     #[test]
+    fn allowed_hosts_come_from_the_flag_or_the_file_and_bad_ones_are_named() {
+        let c = config(&[
+            "--allowed-host",
+            "imdsd",
+            "--allowed-host",
+            "Metadata.Internal.",
+        ])
+        .expect("valid");
+        assert_eq!(
+            c.imds.allowed_hosts.names().collect::<Vec<_>>(),
+            ["imdsd", "metadata.internal"]
+        );
+        assert!(
+            config(&[])
+                .expect("valid")
+                .imds
+                .allowed_hosts
+                .names()
+                .next()
+                .is_none()
+        );
+
+        let f = file("allowed_host = [\"from-file\"]\n");
+        let path = f.path().to_str().expect("utf8").to_string();
+        let c = config(&["--config", &path]).expect("valid");
+        assert_eq!(
+            c.imds.allowed_hosts.names().collect::<Vec<_>>(),
+            ["from-file"]
+        );
+        let c = config(&["--config", &path, "--allowed-host", "flag"]).expect("valid");
+        assert_eq!(c.imds.allowed_hosts.names().collect::<Vec<_>>(), ["flag"]);
+
+        let err = config(&[
+            "--allowed-host",
+            "imdsd:8169",
+            "--allowed-host",
+            "",
+            "--allowed-host",
+            "*.example.com",
+            "--allowed-host",
+            "fine",
+        ])
+        .expect_err("invalid");
+        assert_eq!(err.problems.len(), 3, "{err}");
+        assert!(
+            err.problems
+                .iter()
+                .all(|p| p.starts_with("--allowed-host: ")),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("\"imdsd:8169\" has a port"), "{text}");
+        assert!(text.contains("\"\" is empty"), "{text}");
+        assert!(text.contains("contains '*'"), "{text}");
+
+        let f = file("allowed_host = [\"http://imdsd\"]\n");
+        let path = f.path().to_str().expect("utf8").to_string();
+        let err = config(&["--config", &path]).expect_err("invalid");
+        assert!(
+            err.problems[0].starts_with(&format!("{path}: allowed_host: ")),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn listen_addresses_accept_ipv6_and_bare_ips() {
         assert_eq!(
             parse_listen("[fd00:ec2::254]:80"),
@@ -2224,6 +2322,7 @@ mod tests {
     struct FileKeys {
         default_role: (),
         listen: (),
+        allowed_host: (),
         http_tokens: (),
         http_endpoint: (),
         fake_credentials: (),

@@ -8,6 +8,10 @@
 //! token derived from the daemon's key and the container's name (so the operator can hand it out
 //! before the container starts: `GET /v1/container-token?container=NAME` on the admin API), and
 //! compared in constant time. See `reference/imds-protocol.md` §6 in the shared notes.
+//!
+//! The Host rule of every listener ([`crate::host`]) comes first: a `Host` that a rebinding web
+//! page could have sent gets 403, as the EKS Pod Identity Agent answers a Host that is not its
+//! address.
 
 use std::sync::Arc;
 
@@ -22,8 +26,10 @@ use subtle::ConstantTimeEq as _;
 use crate::clock::format_iso8601;
 use crate::credentials::SourceError;
 use crate::credentials::broker::{Broker, FetchError};
+use crate::host::{AllowedHosts, Refused as HostRefused};
 use crate::identity::{Identity, RoleState, Workload};
-use crate::logging::{ACCESS_TARGET, AccessLine, RepeatLimits};
+use crate::logging::{ACCESS_TARGET, AccessLine, RepeatFilter, RepeatLimits};
+use crate::metrics::{LISTENER_CONTAINER_CREDENTIALS, Metrics, REFUSED_HOST};
 
 /// Paths served: `/v2/credentials` (ECS style) and `/v1/credentials` (EKS Pod Identity style),
 /// and anything below them (`/v2/credentials/<id>`); the query string is ignored.
@@ -83,6 +89,12 @@ pub struct Ecs {
     /// Which identical access lines are written (see `crate::logging::RepeatFilter`); the
     /// metadata listener's own.
     pub access_log_limits: Arc<RepeatLimits>,
+    /// The names accepted as `Host` besides addresses; the metadata listener's own.
+    pub allowed_hosts: AllowedHosts,
+    pub metrics: Arc<Metrics>,
+    /// Which access lines of refused requests are written when the caller is not known without
+    /// waiting (refusals do not wait for it).
+    pub refusals: RepeatFilter,
 }
 
 fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -101,6 +113,19 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>>
     )
 }
 
+/// The answer to a request the Host rule refused: no credentials, and what to do instead.
+fn host_refused(refused: HostRefused<'_>) -> Response<Full<Bytes>> {
+    let message = match refused {
+        HostRefused::Duplicate(_) => "the request has more than one Host header",
+        HostRefused::NotAllowed(_) => {
+            "the Host header names neither an IP address nor a name imdsd accepts; call the \
+             endpoint by its address (e.g. http://169.254.170.2/v2/credentials), or list the name \
+             with --allowed-host"
+        }
+    };
+    error(refused.status(), "InvalidHost", message)
+}
+
 impl Ecs {
     pub async fn handle<B>(
         &self,
@@ -108,7 +133,15 @@ impl Ecs {
         caller: std::net::IpAddr,
     ) -> Response<Full<Bytes>> {
         let started = tokio::time::Instant::now();
-        let (response, workload) = self.route(&req, caller).await;
+        let refused_host = self.allowed_hosts.check_request(&req).err();
+        let (response, workload) = match refused_host {
+            Some(refused) => {
+                self.metrics
+                    .request_refused(LISTENER_CONTAINER_CREDENTIALS, REFUSED_HOST);
+                (host_refused(refused), self.identity.resolve_now(caller))
+            }
+            None => self.route(&req, caller).await,
+        };
         if tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
             let workload = workload.as_deref();
             let line = AccessLine {
@@ -121,12 +154,19 @@ impl Ecs {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("-"),
             };
-            if let Some(suppressed) = line.admit(
-                workload.map(|w| &w.access_log),
-                &self.access_log_limits,
-                started.into_std(),
-            ) {
+            let filter = match workload {
+                Some(w) => Some(&w.access_log),
+                None => refused_host.map(|_| &self.refusals),
+            };
+            if let Some(suppressed) =
+                line.admit(filter, &self.access_log_limits, started.into_std())
+            {
                 let container = workload.and_then(|w| w.container.as_deref());
+                let role = workload
+                    .filter(|_| refused_host.is_none())
+                    .and_then(|w| w.role.assignment())
+                    .map(|a| a.request().role_arn.as_str());
+                let host = refused_host.map(|r| r.shown());
                 tracing::info!(
                     target: ACCESS_TARGET,
                     endpoint = "container-credentials",
@@ -135,7 +175,9 @@ impl Ecs {
                     caller = %caller,
                     container = container.map(|c| c.name.as_str()),
                     container_id = container.map(|c| c.short_id()),
-                    role = workload.and_then(|w| w.role.assignment()).map(|a| a.request().role_arn.as_str()),
+                    role,
+                    refused = refused_host.map(|_| REFUSED_HOST),
+                    host = host.as_deref(),
                     status = line.status.as_u16(),
                     micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
                     agent = line.agent,

@@ -17,6 +17,7 @@ pub mod credentials;
 pub mod docker;
 pub mod doctor;
 pub mod ecs;
+pub mod host;
 pub mod identity;
 pub mod imds;
 pub mod index;

@@ -223,6 +223,50 @@ impl AccessLine<'_> {
     }
 }
 
+/// At most `per_second` lines a second of one kind, whatever they say; the rest are counted and
+/// the next line written says how many. For warnings an outsider can cause at will, each one
+/// different (the admin API's refused requests): a [`RepeatFilter`] lets every new line through.
+#[derive(Debug)]
+pub struct Throttle {
+    per_second: u32,
+    state: Mutex<ThrottleState>,
+}
+
+#[derive(Debug, Default)]
+struct ThrottleState {
+    /// When the current one-second window ends.
+    window_end: Option<Instant>,
+    written: u32,
+    suppressed: u64,
+}
+
+impl Throttle {
+    pub fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            state: Mutex::default(),
+        }
+    }
+
+    /// `None` when the line is to be left out; else the `suppressed` field it carries (absent
+    /// when nothing was left out), as [`AccessLine::admit`].
+    pub fn admit(&self, now: Instant) -> Option<Option<u64>> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.window_end.is_none_or(|end| now >= end) {
+            state.window_end = now.checked_add(Duration::from_secs(1));
+            state.written = 0;
+        }
+        if state.written < self.per_second {
+            state.written += 1;
+            let suppressed = std::mem::take(&mut state.suppressed);
+            Some((suppressed > 0).then_some(suppressed))
+        } else {
+            state.suppressed += 1;
+            None
+        }
+    }
+}
+
 /// Installs the process's logger: `filter` (an `EnvFilter` directive string, checked by the
 /// configuration) on stderr, in `format`.
 ///
@@ -658,6 +702,22 @@ mod tests {
         tracing_subscriber::fmt::format()
             .with_timer(AT)
             .with_ansi(false)
+    }
+
+    #[test]
+    fn a_throttle_writes_a_few_lines_a_second_and_counts_the_rest() {
+        let throttle = Throttle::new(2);
+        let t0 = Instant::now();
+        assert_eq!(throttle.admit(t0), Some(None));
+        assert_eq!(throttle.admit(t0), Some(None));
+        for _ in 0..5 {
+            assert_eq!(throttle.admit(t0 + Duration::from_millis(500)), None);
+        }
+        // The next window's first line says how many were left out, once.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(throttle.admit(t1), Some(Some(5)));
+        assert_eq!(throttle.admit(t1), Some(None));
+        assert_eq!(throttle.admit(t1), None);
     }
 
     #[test]

@@ -190,6 +190,9 @@ pub const LISTENER_ADMIN: &str = "admin";
 /// Why a request was refused, as the `reason` label says: a container calling from a Docker
 /// network imdsd does not serve.
 pub const REFUSED_NETWORK: &str = "network";
+/// Why a request was refused: its `Host` is neither an address nor an accepted name (what a web
+/// page rebinding its own name to imdsd's address sends), or it has two (see [`crate::host`]).
+pub const REFUSED_HOST: &str = "host";
 
 #[derive(Debug)]
 pub struct Metrics {

@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use common::{Daemon, raw};
+use common::{Daemon, raw, raw_with_hosts};
 use serde_json::Value;
 
 async fn daemon(args: &[&str]) -> (Daemon, SocketAddr) {
@@ -185,4 +185,99 @@ fn auth_without_an_endpoint_is_a_configuration_error() {
     let (code, stderr) = common::run_to_exit(&["--fake-credentials", "--ecs-auth"], &[]);
     assert_eq!(code, Some(64), "{stderr}");
     assert!(stderr.contains("--ecs-listen"), "{stderr}");
+}
+
+/// What a rebinding page would send (its own name as Host) gets the endpoint's JSON error and no
+/// credentials; the addresses SDKs use, and localhost, are served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_host_gets_403_and_no_credentials() {
+    let (d, ecs) = daemon(&["app"]).await;
+    let key = imds_key(&d);
+    let refused = |hosts: &[&str], status: u16| {
+        let r = raw_with_hosts(ecs, "GET", "/v2/credentials", hosts, &[]);
+        assert_eq!(r.status, status, "Host {hosts:?}: {}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let err: Value = serde_json::from_str(&r.text()).expect("json error");
+        assert_eq!(err["code"], "InvalidHost", "{err}");
+        assert!(!r.text().contains(&key), "Host {hosts:?}: the key");
+        assert!(!r.text().contains("SecretAccessKey"), "Host {hosts:?}");
+        err["message"].as_str().expect("message").to_string()
+    };
+    for host in [
+        "attacker.example.com",
+        "127.0.0.1.nip.io:80",
+        "fd00:ec2::23",
+        "2130706433",
+    ] {
+        let message = refused(&[host], 403);
+        assert!(message.contains("--allowed-host"), "{message}");
+    }
+    refused(&["169.254.170.2", "169.254.170.2"], 400);
+    let absolute = raw_with_hosts(
+        ecs,
+        "GET",
+        "http://attacker.example.com/v2/credentials",
+        &["169.254.170.2"],
+        &[],
+    );
+    assert_eq!(absolute.status, 403, "{}", absolute.text());
+
+    let port = ecs.port();
+    for host in [
+        "169.254.170.2".to_string(),
+        "169.254.170.23:80".into(),
+        "[fd00:ec2::23]".into(),
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+    ] {
+        let r = raw_with_hosts(ecs, "GET", "/v2/credentials", &[&host], &[]);
+        assert_eq!(r.status, 200, "Host {host}: {}", r.text());
+        assert!(r.text().contains(&key), "Host {host}");
+    }
+    assert_eq!(
+        d.metrics.refused_for(
+            imdsd::metrics::LISTENER_CONTAINER_CREDENTIALS,
+            imdsd::metrics::REFUSED_HOST
+        ),
+        6
+    );
+}
+
+/// With --ecs-auth on, a rebinding page must not get a caller's token from the admin API either
+/// (it would unlock the endpoint), nor the list of workloads.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_gives_a_foreign_host_neither_a_token_nor_the_workloads() {
+    let (d, _ecs) = daemon(&["--ecs-auth", "app"]).await;
+    let admin = d.admin.expect("admin API");
+    let token = raw(admin, "GET", "/v1/container-token?ip=127.0.0.1", &[]).text();
+    assert_eq!(token.len(), 43, "{token}");
+    for path in [
+        "/v1/container-token?ip=127.0.0.1",
+        "/v1/container-token?container=web",
+        "/v1/workloads",
+        "/metrics",
+    ] {
+        let r = raw_with_hosts(admin, "GET", path, &["attacker.example.com:9169"], &[]);
+        assert_eq!(r.status, 403, "{path}: {}", r.text());
+        assert!(!r.text().contains(&token), "{path}: the token");
+        assert!(r.text().contains("--allowed-host"), "{path}: {}", r.text());
+        let r = raw_with_hosts(admin, "GET", path, &["127.0.0.1", "127.0.0.1"], &[]);
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+    }
+    let port = admin.port();
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+        let r = raw_with_hosts(
+            admin,
+            "GET",
+            "/v1/container-token?ip=127.0.0.1",
+            &[&host],
+            &[],
+        );
+        assert_eq!(r.text(), token, "Host {host}");
+    }
+    assert_eq!(
+        d.metrics
+            .refused_for(imdsd::metrics::LISTENER_ADMIN, imdsd::metrics::REFUSED_HOST),
+        8
+    );
 }

@@ -10,7 +10,7 @@ mod sts_support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Process, raw, run_to_exit};
+use common::{Daemon, Process, raw, raw_with_hosts, run_to_exit};
 use serde_json::Value;
 use sts_support::{Behaviour, Moto, ScriptedSts, sts_daemon};
 
@@ -446,4 +446,182 @@ async fn sigterm_drains_a_slow_request_in_flight() {
         "no longer accepting"
     );
     assert!(d.log_text().contains("SIGTERM"), "{}", d.log_text());
+}
+
+/// Each line of a process's JSON log, parsed.
+fn log_lines(d: &Process) -> Vec<Value> {
+    d.log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+/// Waits until the log has a line for which `found` holds, and returns every line.
+fn wait_for_line(d: &Process, what: &str, found: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines = log_lines(d);
+        if lines.iter().any(&found) {
+            return lines;
+        }
+        assert!(Instant::now() < deadline, "no {what}: {}", d.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A request refused for its Host is written with the reason and the value (short and escaped),
+/// a flood of them is kept down like any other, and each is counted per listener.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_host_is_logged_with_its_reason_and_counted() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let path = state.path().to_str().expect("utf8").to_string();
+    let d = Process::spawn(
+        &[
+            "--fake-credentials",
+            "--listen",
+            "127.0.0.1:0",
+            "--ecs-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            &path,
+            "--access-log-burst",
+            "3",
+            "app",
+        ],
+        &[],
+    );
+    let (imds, ecs) = (d.addr(), d.ecs_addr().expect("ecs address"));
+    let admin = d.admin_addr().expect("admin address");
+
+    let r = raw_with_hosts(imds, "GET", CREDS, &["attacker.example.com"], &[]);
+    assert_eq!(r.status, 403);
+    let long = "x".repeat(100);
+    assert_eq!(
+        raw_with_hosts(imds, "GET", CREDS, &[&long], &[]).status,
+        403
+    );
+    let odd = common::raw_bytes(
+        imds,
+        &[
+            format!("GET {CREDS} HTTP/1.1\r\nHost: evil").as_bytes(),
+            b"\xff\"x\".example\r\n\r\n",
+        ]
+        .concat(),
+    );
+    assert_eq!(odd.status, 403);
+    let r = raw_with_hosts(
+        ecs,
+        "GET",
+        "/v2/credentials",
+        &["attacker.example.com"],
+        &[],
+    );
+    assert_eq!(r.status, 403);
+
+    let lines = wait_for_line(&d, "access line of the refused ECS request", |l| {
+        l["endpoint"] == "container-credentials" && l["refused"] == "host"
+    });
+    let access = |host: &str| {
+        lines
+            .iter()
+            .find(|l| l["target"] == "imdsd::access" && l["host"] == host)
+            .unwrap_or_else(|| panic!("no access line for Host {host:?}: {lines:?}"))
+    };
+    let line = access("attacker.example.com");
+    assert_eq!(line["refused"], "host", "{line}");
+    assert_eq!(line["status"], 403);
+    assert_eq!(line["path"], CREDS);
+    assert_eq!(line["caller"], "127.0.0.1");
+    assert!(
+        line.get("role").is_none(),
+        "a refused request names no role: {line}"
+    );
+    let line = access(&format!("{}…", &long[..64]));
+    assert_eq!(line["status"], 403);
+    let line = access("evil\\xff\"x\".example");
+    assert_eq!(line["refused"], "host");
+
+    // A flood of one refused request: a few lines a second, the rest counted.
+    const FLOOD: u64 = 40;
+    for _ in 0..FLOOD {
+        let r = raw_with_hosts(imds, "GET", "/latest/meta-data/", &["rebound.example"], &[]);
+        assert_eq!(r.status, 403);
+    }
+    assert_eq!(
+        raw(imds, "GET", "/latest/meta-data/instance-id", &[]).status,
+        200
+    );
+    let lines = wait_for_line(&d, "the line after the flood", |l| {
+        l["path"] == "/latest/meta-data/instance-id"
+    });
+    let written = lines
+        .iter()
+        .filter(|l| l["host"] == "rebound.example")
+        .count() as u64;
+    let after = lines
+        .iter()
+        .find(|l| l["path"] == "/latest/meta-data/instance-id")
+        .expect("line after the flood");
+    assert!(written < FLOOD, "{written} lines for {FLOOD} refusals");
+    assert_eq!(written + after["suppressed"].as_u64().unwrap_or(0), FLOOD);
+
+    // The admin API warns, at most a few lines a second whatever the requests look like.
+    const ADMIN_FLOOD: u64 = 30;
+    for i in 0..ADMIN_FLOOD {
+        let r = raw_with_hosts(
+            admin,
+            "GET",
+            &format!("/v1/workloads?n={i}"),
+            &["rebound.example"],
+            &[],
+        );
+        assert_eq!(r.status, 403);
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = raw_with_hosts(
+        admin,
+        "GET",
+        "/v1/container-token?ip=127.0.0.1",
+        &["last.example"],
+        &[],
+    );
+    assert_eq!(r.status, 403);
+    let lines = wait_for_line(&d, "the admin API's last warning", |l| {
+        l["host"] == "last.example"
+    });
+    let warnings: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "imdsd::admin" && l["level"] == "WARN")
+        .collect();
+    let suppressed: u64 = warnings
+        .iter()
+        .filter_map(|l| l["suppressed"].as_u64())
+        .sum();
+    assert!(
+        (warnings.len() as u64) < ADMIN_FLOOD,
+        "{} warnings: {warnings:?}",
+        warnings.len()
+    );
+    assert_eq!(
+        warnings.len() as u64 + suppressed,
+        ADMIN_FLOOD + 1,
+        "{warnings:?}"
+    );
+    let last = warnings.last().expect("a warning");
+    assert_eq!(last["path"], "/v1/container-token");
+    assert_eq!(last["caller"], "127.0.0.1");
+    assert_eq!(last["status"], 403);
+
+    let (status, metrics) = get(admin, "/metrics");
+    assert_eq!(status, 200);
+    let refused = |listener: &str| {
+        sample(
+            &metrics,
+            &format!(r#"imdsd_requests_refused_total{{listener="{listener}",reason="host"}}"#),
+        )
+    };
+    assert_eq!(refused("metadata"), 3.0 + FLOOD as f64, "{metrics}");
+    assert_eq!(refused("container-credentials"), 1.0, "{metrics}");
+    assert_eq!(refused("admin"), ADMIN_FLOOD as f64 + 1.0, "{metrics}");
+    d.terminate();
 }

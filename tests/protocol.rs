@@ -1533,3 +1533,213 @@ async fn an_oversized_or_malformed_request_is_refused_and_the_daemon_keeps_servi
     assert_still_serving(d.addr, "a partial request head");
     drop(slow);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The Host rule (DNS rebinding) and duplicate TTLs
+// ---------------------------------------------------------------------------------------------
+
+/// [`common::raw_with_hosts`], checked like every other answer.
+fn send_hosts(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    hosts: &[&str],
+    headers: &[(&str, &str)],
+) -> RawResponse {
+    let r = common::raw_with_hosts(addr, method, target, hosts, headers);
+    assert_ec2_headers(&r, &format!("{method} {target} with Host {hosts:?}"));
+    r
+}
+
+/// The credentials document's secrets, to look for where they must not be.
+fn secrets_of(d: &Daemon) -> Vec<String> {
+    let doc = json_object(&get_text(d.addr, CREDS));
+    ["AccessKeyId", "SecretAccessKey", "Token"]
+        .iter()
+        .map(|k| str_field(&doc, k).to_string())
+        .collect()
+}
+
+/// The README's first command, then what a rebinding page would send: its own name as `Host`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_host_gets_403_and_neither_credentials_nor_a_token() {
+    let d = Daemon::start(ROLE).await;
+    let secrets = secrets_of(&d);
+    let tok = token(d.addr, 21600);
+    for host in [
+        "attacker.example.com",
+        "attacker.example.com:8169",
+        "127.0.0.1.nip.io",
+        "169.254.169.254.nip.io",
+        // Numeric forms that are not dotted quads: browsers send the dotted quad instead.
+        "0x7f.1",
+        "2130706433",
+        "127.1",
+        // IPv6 without brackets is no valid Host.
+        "fd00:ec2::254",
+        "localhost.attacker.example.com",
+    ] {
+        for (method, path, headers) in [
+            ("GET", CREDS, vec![]),
+            ("GET", CREDS, vec![(TOKEN, tok.as_str())]),
+            ("GET", "/latest/meta-data/iam/security-credentials/", vec![]),
+            ("PUT", "/latest/api/token", vec![(TTL, "21600")]),
+        ] {
+            let what = format!("{method} {path} with Host {host}");
+            let r = send_hosts(d.addr, method, path, &[host], &headers);
+            assert_page(&r, StatusCode::FORBIDDEN, &what);
+            assert_eq!(r.header(TTL), None, "{what}: looks like a token answer");
+            for secret in &secrets {
+                assert!(!r.text().contains(secret.as_str()), "{what}: a secret");
+            }
+        }
+    }
+    // An absolute-form target names its host too, whatever the Host header says.
+    let r = send_hosts(
+        d.addr,
+        "GET",
+        &format!("http://attacker.example.com{CREDS}"),
+        &["169.254.169.254"],
+        &[],
+    );
+    assert_page(&r, StatusCode::FORBIDDEN, "absolute-form target by name");
+    assert_eq!(
+        d.metrics.refused_for(
+            imdsd::metrics::LISTENER_METADATA,
+            imdsd::metrics::REFUSED_HOST
+        ),
+        9 * 4 + 1
+    );
+    assert_eq!(secrets_of(&d), secrets, "the caller is still served");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn addresses_localhost_and_ec2s_names_are_served_in_every_form() {
+    let d = Daemon::start(ROLE).await;
+    let expected = get_text(d.addr, CREDS);
+    let port = d.addr.port().to_string();
+    let with_port = |h: &str| format!("{h}:{port}");
+    let hosts = [
+        "169.254.169.254".to_string(),
+        "169.254.169.254:80".into(),
+        with_port("127.0.0.1"),
+        "127.0.0.1:80".into(),
+        "[::1]:8169".into(),
+        "[fd00:ec2::254]".into(),
+        "[fd00:ec2::254]:80".into(),
+        "localhost".into(),
+        with_port("localhost"),
+        "LOCALHOST.".into(),
+        "instance-data".into(),
+        "instance-data.ec2.internal:80".into(),
+        "Instance-Data.EC2.Internal.".into(),
+        // An empty Host: nothing a page could have chosen.
+        String::new(),
+    ];
+    for host in &hosts {
+        let r = send_hosts(d.addr, "GET", CREDS, &[host], &[]);
+        assert_eq!(
+            ok_text(&r, &format!("Host {host:?}")),
+            expected,
+            "Host {host:?}"
+        );
+        let r = send_hosts(d.addr, "PUT", "/latest/api/token", &[host], &[(TTL, "60")]);
+        assert_eq!(r.status, 200, "token PUT with Host {host:?}: {r:?}");
+        assert_eq!(r.body.len(), 56);
+    }
+    // No Host at all (HTTP/1.1 without one, and HTTP/1.0, which has none).
+    let r = send_hosts(d.addr, "GET", CREDS, &[], &[]);
+    assert_eq!(ok_text(&r, "no Host"), expected);
+    let mut old = TcpStream::connect(d.addr).expect("connect");
+    old.write_all(format!("GET {CREDS} HTTP/1.0\r\n\r\n").as_bytes())
+        .expect("write");
+    let mut answer = Vec::new();
+    old.read_to_end(&mut answer).expect("read");
+    let answer = String::from_utf8(answer).expect("text");
+    assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with(&expected), "{answer}");
+    // Absolute form, as a client sends through a proxy.
+    let r = send_hosts(
+        d.addr,
+        "GET",
+        &format!("http://169.254.169.254{CREDS}"),
+        &["169.254.169.254"],
+        &[],
+    );
+    assert_eq!(ok_text(&r, "absolute-form target"), expected);
+    assert_eq!(
+        d.metrics.refused_for(
+            imdsd::metrics::LISTENER_METADATA,
+            imdsd::metrics::REFUSED_HOST
+        ),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_host_headers_get_400() {
+    let d = Daemon::start(ROLE).await;
+    for hosts in [
+        ["169.254.169.254", "169.254.169.254"],
+        ["attacker.example.com", "127.0.0.1"],
+        ["127.0.0.1", "attacker.example.com"],
+    ] {
+        let r = send_hosts(d.addr, "GET", CREDS, &hosts, &[]);
+        assert_page(&r, StatusCode::BAD_REQUEST, &format!("Hosts {hosts:?}"));
+        assert!(!r.text().contains("AccessKeyId"));
+        let r = send_hosts(d.addr, "PUT", "/latest/api/token", &hosts, &[(TTL, "60")]);
+        assert_page(
+            &r,
+            StatusCode::BAD_REQUEST,
+            &format!("PUT, Hosts {hosts:?}"),
+        );
+        assert_eq!(r.header(TTL), None);
+    }
+    assert_still_serving(d.addr, "two Host headers");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn allowed_host_lets_the_operators_name_through_and_no_other() {
+    let d = Daemon::start(&[
+        "--fake-credentials",
+        "--allowed-host",
+        "imdsd",
+        "--allowed-host",
+        "metadata.internal",
+        "test-role",
+    ])
+    .await;
+    let expected = get_text(d.addr, CREDS);
+    for host in ["imdsd", "imdsd:80", "IMDSD.", "metadata.internal:8169"] {
+        let r = send_hosts(d.addr, "GET", CREDS, &[host], &[]);
+        assert_eq!(ok_text(&r, host), expected, "Host {host}");
+    }
+    for host in ["imdsd2", "imdsd.attacker.example.com", "internal"] {
+        let r = send_hosts(d.addr, "GET", CREDS, &[host], &[]);
+        assert_page(&r, StatusCode::FORBIDDEN, host);
+    }
+    // Without the flag, the same name is refused.
+    let plain = Daemon::start(ROLE).await;
+    let r = send_hosts(plain.addr, "GET", CREDS, &["imdsd"], &[]);
+    assert_page(&r, StatusCode::FORBIDDEN, "imdsd without --allowed-host");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicate_ttl_headers_get_400_and_no_token() {
+    let d = Daemon::start(ROLE).await;
+    for headers in [
+        vec![(TTL, "21600"), (TTL, "21600")],
+        vec![(TTL, "60"), (TTL, "21600")],
+        vec![(TTL, "21600, 21600")],
+        vec![(TTL, "21600,60")],
+    ] {
+        let r = put_token(d.addr, &headers);
+        assert_page(
+            &r,
+            StatusCode::BAD_REQUEST,
+            &format!("PUT with {headers:?}"),
+        );
+        assert_eq!(r.header(TTL), None, "{headers:?}");
+    }
+    assert_eq!(token(d.addr, 21600).len(), 56, "one TTL still works");
+}

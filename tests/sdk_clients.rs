@@ -273,3 +273,165 @@ fn a_bad_flag_and_an_unknown_file_key_are_both_reported_with_exit_64() {
     );
     assert!(stderr.contains(path) && stderr.contains("lisn"), "{stderr}");
 }
+
+#[test]
+fn a_bad_allowed_host_exits_64_naming_the_value_and_the_fix() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let state_path = state.path().to_str().expect("utf8");
+    let (code, stderr) = run_to_exit(
+        &[
+            "--fake-credentials",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            state_path,
+        ],
+        &[("IMDSD_ALLOWED_HOSTS", "imdsd:8169,*.example.com")],
+    );
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("IMDSD_ALLOWED_HOSTS: \"imdsd:8169\" has a port")
+            && stderr.contains("write the name alone (\"imdsd\")"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("IMDSD_ALLOWED_HOSTS: \"*.example.com\" contains '*'"),
+        "{stderr}"
+    );
+}
+
+/// The key the daemon serves on an IMDSv2 credentials GET (the same cached session).
+fn served_key(addr: SocketAddr) -> String {
+    let r = raw(
+        addr,
+        "GET",
+        &format!("/latest/meta-data/iam/security-credentials/{ROLE}"),
+        &[("X-aws-ec2-metadata-token", &token(addr, 60))],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let doc: serde_json::Value = serde_json::from_str(&r.text()).expect("json");
+    doc["AccessKeyId"].as_str().expect("key").to_string()
+}
+
+/// Reads the instance and its role's credentials with the `ec2-metadata` library (IMDSv2 only,
+/// its own token handling). Its service URL is fixed at http://169.254.169.254/, and its
+/// constructor takes the urllib3 pool manager to use: a `ProxyManager` sends each request to
+/// the daemon in absolute form (`GET http://169.254.169.254/latest/… HTTP/1.1`).
+const EC2_METADATA_SCRIPT: &str = r#"
+import json, os, urllib3
+from ec2_metadata import EC2Metadata
+
+m = EC2Metadata(pool_manager=urllib3.ProxyManager(os.environ["IMDSD_URL"]))
+c = m.iam_security_credentials
+print(json.dumps({
+    "instance_id": m.instance_id,
+    "region": m.region,
+    "role": m.instance_profile_name,
+    "access_key": c and c["AccessKeyId"],
+    "has_secret": bool(c and c["SecretAccessKey"]),
+}))
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ec2_metadata_library_reads_the_instance_and_its_role() {
+    for mode in ["optional", "required"] {
+        let daemon = Daemon::start(&["--fake-credentials", "--http-tokens", mode, ROLE]).await;
+        let key = served_key(daemon.addr);
+        let url = daemon.url();
+        let stdout = tokio::task::spawn_blocking(move || {
+            run_python(EC2_METADATA_SCRIPT, &[("IMDSD_URL", &url)])
+        })
+        .await
+        .expect("python task");
+        let out: serde_json::Value =
+            serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+        assert_eq!(out["role"], ROLE, "{mode}: {out}");
+        assert_eq!(out["access_key"], key.as_str(), "{mode}: {out}");
+        assert_eq!(out["has_secret"], true, "{mode}: {out}");
+        assert_eq!(out["region"], "us-east-1", "{mode}: {out}");
+        assert!(
+            out["instance_id"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("i-")),
+            "{out}"
+        );
+    }
+}
+
+/// boto3 calling the daemon by a name (as a compose app would call a service `imdsd`): there is
+/// no DNS for the name here, so botocore's own proxy support (HTTP_PROXY, which it honours for
+/// IMDS) carries the requests to the daemon, with `Host: imdsd` and an absolute-form target.
+async fn boto3_by_name(addr: SocketAddr) -> serde_json::Value {
+    let proxy = format!("http://{addr}");
+    let stdout = tokio::task::spawn_blocking(move || {
+        run_python(
+            BOTO3_SCRIPT,
+            &[
+                ("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://imdsd/"),
+                ("HTTP_PROXY", &proxy),
+                ("NO_PROXY", ""),
+            ],
+        )
+    })
+    .await
+    .expect("python task");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn boto3_calling_imdsd_by_name_is_served_only_when_the_name_is_allowed() {
+    let allowed = Daemon::start(&["--fake-credentials", "--allowed-host", "imdsd", ROLE]).await;
+    let out = boto3_by_name(allowed.addr).await;
+    assert_eq!(out["credentials"]["method"], "iam-role", "{out}");
+    assert_eq!(
+        out["credentials"]["access_key"],
+        served_key(allowed.addr).as_str(),
+        "{out}"
+    );
+    assert_eq!(out["region"], "us-east-1", "{out}");
+
+    let plain = Daemon::start(&["--fake-credentials", ROLE]).await;
+    let out = boto3_by_name(plain.addr).await;
+    assert!(
+        out["credentials"].is_null(),
+        "boto3 got credentials through a name imdsd does not accept: {out}"
+    );
+    assert!(
+        plain.metrics.refused_for(
+            imdsd::metrics::LISTENER_METADATA,
+            imdsd::metrics::REFUSED_HOST
+        ) > 0
+    );
+}
+
+/// `localhost` is accepted like an address: the Rust SDK and boto3 pointed at
+/// http://localhost:PORT/ get credentials.
+#[tokio::test(flavor = "multi_thread")]
+async fn sdks_pointed_at_localhost_get_credentials() {
+    let daemon = Daemon::start(&["--fake-credentials", ROLE]).await;
+    let key = served_key(daemon.addr);
+    let endpoint = format!("http://localhost:{}", daemon.addr.port());
+    let client = imds::Client::builder()
+        .endpoint(&endpoint)
+        .expect("valid IMDS endpoint")
+        .build();
+    let credentials = ImdsCredentialsProvider::builder()
+        .imds_client(client)
+        .build()
+        .provide_credentials()
+        .await
+        .unwrap_or_else(|e| panic!("the Rust SDK got no credentials from {endpoint}: {e:?}"));
+    assert_eq!(credentials.access_key_id(), key);
+
+    let endpoint = format!("{endpoint}/");
+    let stdout = tokio::task::spawn_blocking(move || {
+        run_python(
+            BOTO3_SCRIPT,
+            &[("AWS_EC2_METADATA_SERVICE_ENDPOINT", endpoint.as_str())],
+        )
+    })
+    .await
+    .expect("python task");
+    let out: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
+    assert_eq!(out["credentials"]["access_key"], key.as_str(), "{out}");
+}

@@ -3,7 +3,8 @@
 //!
 //! [`Imds::handle`] is the whole request path. It takes a request and the caller's address and
 //! never fails: every outcome, including bad input, is a response. It makes no Docker or STS call
-//! when the caller is known and its credentials are cached.
+//! when the caller is known and its credentials are cached. Its first check is the Host rule
+//! ([`crate::host`]): a request whose `Host` a rebinding web page could have sent gets 403.
 
 pub mod path;
 pub mod response;
@@ -24,9 +25,10 @@ use http::{Method, Request, Response, StatusCode};
 use crate::clock::{SharedClock, format_iso8601};
 use crate::credentials::broker::{Broker, Document, FetchError, Lookup, Served};
 use crate::credentials::{AssumeRequest, SourceError};
+use crate::host::{AllowedHosts, HostHeaders, Refused as HostRefused};
 use crate::identity::{Assignment, ConnectionCaller, Identity, Refusal, RoleState, Workload};
-use crate::logging::{ACCESS_TARGET, AccessLine, RepeatLimits};
-use crate::metrics::{Metrics, Route};
+use crate::logging::{ACCESS_TARGET, AccessLine, RepeatFilter, RepeatLimits};
+use crate::metrics::{Metrics, REFUSED_HOST, Route};
 use crate::proxy::{Upstream, UpstreamError};
 use path::{MetadataPath, PathError};
 use response::{
@@ -57,6 +59,9 @@ pub struct ImdsOptions {
     /// with the other listeners, since they write to the same log.
     pub access_log_limits: Arc<RepeatLimits>,
     pub connection: response::Connection,
+    /// The names accepted as `Host` besides addresses (`--allowed-host`); shared with the other
+    /// listeners, which apply the same rule.
+    pub allowed_hosts: AllowedHosts,
 }
 
 impl Default for ImdsOptions {
@@ -68,6 +73,7 @@ impl Default for ImdsOptions {
             strict_expect: false,
             access_log_limits: Arc::default(),
             connection: response::Connection::Close,
+            allowed_hosts: AllowedHosts::default(),
         }
     }
 }
@@ -88,23 +94,32 @@ pub struct Imds {
     /// Whether access lines are written at all, asked of the logger once: its filter is set at
     /// start and never changes, and asking per request is a dispatcher lookup each time.
     access_log: bool,
+    /// Which access lines of refused requests are written when the caller is not known without
+    /// waiting (refusals do not wait for it).
+    refusals: RepeatFilter,
 }
 
 /// The request headers the metadata path reads, found in one pass over them: a request carries
 /// a handful, and comparing names is cheaper than hashing each name looked up.
 #[derive(Debug, Default, Clone, Copy)]
 struct Seen<'a> {
+    host: HostHeaders<'a>,
     token: Option<&'a HeaderValue>,
     forwarded: bool,
     agent: Option<&'a HeaderValue>,
+    /// Set when the Host rule refused the request.
+    refused_host: Option<HostRefused<'a>>,
 }
 
 impl<'a> Seen<'a> {
     fn scan(headers: &'a http::HeaderMap) -> Self {
         let mut seen = Seen::default();
         for (name, value) in headers {
-            // The first value of each, as `HeaderMap::get` would give.
-            if *name == TOKEN_HEADER {
+            // The first value of each, as `HeaderMap::get` would give; every `Host`, since two
+            // are refused.
+            if *name == header::HOST {
+                seen.host.saw(value);
+            } else if *name == TOKEN_HEADER {
                 seen.token.get_or_insert(value);
             } else if *name == header::USER_AGENT {
                 seen.agent.get_or_insert(value);
@@ -216,6 +231,7 @@ impl Imds {
             metrics,
             upstream: None,
             access_log: tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO),
+            refusals: RepeatFilter::default(),
         }
     }
 
@@ -236,7 +252,18 @@ impl Imds {
     ) -> Handled {
         let started = std::time::Instant::now();
         let path = path::parse(request.uri().path());
-        let seen = Seen::scan(request.headers());
+        let mut seen = Seen::scan(request.headers());
+        if let Err(refused) = self.options.allowed_hosts.check(&seen.host, request.uri()) {
+            seen.refused_host = Some(refused);
+            // The caller, when known without waiting, names the line and keeps its repeats down.
+            // (Not through the connection's memo: its one call below stays inlined.)
+            let outcome = Outcome {
+                response: self.responder.error(refused.status()),
+                workload: self.identity.resolve_now(caller),
+            };
+            let response = self.finish(&request, &seen, &path, caller, started, outcome);
+            return Handled::Ready(std::future::ready(response));
+        }
         let wanted = match self.check(&request, &seen, &path) {
             Ok(wanted) => wanted,
             Err(early) => {
@@ -292,7 +319,10 @@ impl Imds {
         let elapsed = started.elapsed();
         self.metrics
             .request(route_of(path), status.as_u16(), elapsed);
-        if let Some(w) = &outcome.workload
+        if seen.refused_host.is_some() {
+            self.metrics
+                .request_refused(crate::metrics::LISTENER_METADATA, REFUSED_HOST);
+        } else if let Some(w) = &outcome.workload
             && matches!(w.role, RoleState::Unserved(_))
         {
             self.metrics.request_refused(
@@ -308,18 +338,20 @@ impl Imds {
                 status,
                 agent: seen.agent.and_then(|v| v.to_str().ok()).unwrap_or("-"),
             };
-            if let Some(suppressed) = line.admit(
-                workload.map(|w| &w.access_log),
-                &self.options.access_log_limits,
-                started,
-            ) {
+            let filter = match workload {
+                Some(w) => Some(&w.access_log),
+                None => seen.refused_host.map(|_| &self.refusals),
+            };
+            if let Some(suppressed) = line.admit(filter, &self.options.access_log_limits, started) {
                 let container = workload.and_then(|w| w.container.as_deref());
                 let (role, refused) = match workload.map(|w| &w.role) {
+                    _ if seen.refused_host.is_some() => (None, Some(REFUSED_HOST)),
                     Some(RoleState::Assigned(a)) => (Some(a.request().role_arn.as_str()), None),
                     Some(RoleState::Refused(r)) => (None, Some(r.code)),
                     Some(RoleState::Unserved(_)) => (None, Some("NetworkNotServed")),
                     _ => (None, None),
                 };
+                let host = seen.refused_host.map(|r| r.shown());
                 tracing::info!(
                     target: ACCESS_TARGET,
                     method = %line.method,
@@ -329,6 +361,7 @@ impl Imds {
                     container_id = container.map(|c| c.short_id()),
                     role,
                     refused,
+                    host = host.as_deref(),
                     status = status.as_u16(),
                     micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
                     agent = line.agent,
@@ -385,10 +418,14 @@ impl Imds {
         if self.options.strict_expect && headers.contains_key(header::EXPECT) {
             return Err(Early::Error(StatusCode::EXPECTATION_FAILED));
         }
-        headers
-            .get(TOKEN_TTL_HEADER)
-            .and_then(|v| token::parse_ttl(v.as_bytes()))
-            .ok_or(Early::Error(StatusCode::BAD_REQUEST))
+        // Exactly one TTL: two header lines (or one comma-joined list, which `parse_ttl` refuses)
+        // leave it open which one was meant.
+        let mut ttls = headers.get_all(TOKEN_TTL_HEADER).iter();
+        match (ttls.next(), ttls.next()) {
+            (Some(ttl), None) => token::parse_ttl(ttl.as_bytes()),
+            _ => None,
+        }
+        .ok_or(Early::Error(StatusCode::BAD_REQUEST))
     }
 
     /// What `workload` gets for a request that passed [`Imds::check`].

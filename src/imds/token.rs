@@ -417,6 +417,10 @@ mod tests {
             b"+5",
             b"1e3",
             b"999999",
+            // A header sent twice and joined by a proxy or client library: a bad TTL, not the first.
+            b"21600, 21600",
+            b"21600,21600",
+            b"60,",
         ] {
             assert_eq!(parse_ttl(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }

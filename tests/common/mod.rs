@@ -155,6 +155,26 @@ pub fn raw(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)])
     raw_bytes(addr, request.as_bytes())
 }
 
+/// Like [`raw`], but with exactly the `Host` headers given (none for an empty list), and `target`
+/// a path or an absolute URI.
+pub fn raw_with_hosts(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    hosts: &[&str],
+    headers: &[(&str, &str)],
+) -> RawResponse {
+    let mut request = format!("{method} {target} HTTP/1.1\r\n");
+    for h in hosts {
+        request.push_str(&format!("Host: {h}\r\n"));
+    }
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    raw_bytes(addr, request.as_bytes())
+}
+
 /// Like [`raw`], but from a chosen loopback source address (e.g. 127.0.0.2), so that the daemon
 /// sees another caller. Uses tokio's `TcpSocket`, which can bind before connecting.
 pub async fn raw_from(
@@ -425,6 +445,14 @@ impl Process {
         let log = self.log.lock().expect("log lock");
         log.iter()
             .filter(|l| l.contains("serving admin API"))
+            .find_map(|l| extract_addr(l))
+    }
+
+    /// The container-credentials endpoint's (first) address, from the daemon's log.
+    pub fn ecs_addr(&self) -> Option<SocketAddr> {
+        let log = self.log.lock().expect("log lock");
+        log.iter()
+            .filter(|l| l.contains("serving container credentials"))
             .find_map(|l| extract_addr(l))
     }
 }
