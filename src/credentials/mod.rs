@@ -1,12 +1,14 @@
 //! Role credentials: what is asked for ([`AssumeRequest`], the cache key), what comes back
 //! ([`Credentials`]), where it comes from ([`CredentialSource`]: STS, or the offline fake), and the
-//! [`broker::Broker`] that caches, shares and refreshes it.
+//! [`broker::Broker`] that caches, shares and refreshes it, calling the source no faster than the
+//! [`limiter::Limiter`] allows.
 //!
 //! Secrets never leave this module in a form that prints: [`Secret`] redacts itself in `Debug` and
 //! `Display`, and the only way to read one is [`Secret::expose`].
 
 pub mod broker;
 pub mod fake;
+pub mod limiter;
 pub mod observed;
 pub mod sts;
 
