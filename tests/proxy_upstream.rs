@@ -66,20 +66,11 @@ async fn forward(u: &Upstream, path: &str) -> Forwarded {
 
 /// A sample of the upstream's Prometheus metrics; the series must be there.
 async fn metric(admin: SocketAddr, series: &str) -> f64 {
-    let r = tokio::task::spawn_blocking(move || raw(admin, "GET", "/metrics", &[]))
+    let name = series.to_string();
+    tokio::task::spawn_blocking(move || common::metric(admin, &name))
         .await
-        .expect("metrics request");
-    assert_eq!(r.status, 200, "{r:?}");
-    let text = r.text();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no {series} in the metrics:\n{text}"))
+        .expect("metrics request")
+        .unwrap_or_else(|| panic!("no {series} in the metrics"))
 }
 
 fn assert_same(path: &str, forwarded: &Forwarded, direct: &RawResponse) {

@@ -439,3 +439,164 @@ async fn exact_address_mappings_are_fetched_before_the_first_request() {
     assert_eq!(status, 200);
     assert_eq!(sts.assume_calls(), 1, "the first request was a cache hit");
 }
+
+/// The address of the `i`th of many mapped callers: 127.0.10.1, 127.0.10.2, …
+fn many_callers(i: usize) -> IpAddr {
+    let (hi, lo) = (10 + i / 200, 1 + i % 200);
+    format!("127.0.{hi}.{lo}").parse().expect("ip")
+}
+
+/// A start with 240 roles known in advance (exact addresses in the mapping file, all prefetched
+/// at once) and low limits: STS sees at most `--sts-max-concurrency` calls at once and no more
+/// than the burst plus the rate in any second; a request nobody prefetches, and one whose prefetch
+/// is still queued, each get their call ahead of the queued background ones; every role is
+/// assumed exactly once, and the metrics show the queue.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_with_hundreds_of_roles_stays_under_the_sts_limits_and_callers_go_first() {
+    const ROLES: usize = 240;
+    const RATE: usize = 40;
+    const BURST: usize = 8;
+    const CONCURRENCY: usize = 4;
+    let sts = ScriptedSts::start().await;
+    // Without the limiter four calls at a time of 30 ms each would be 130 a second.
+    sts.set_delay(Duration::from_millis(30));
+    let mut entries: Vec<String> = (0..ROLES)
+        .map(|i| format!("\"{}\": \"prefetched-{i}\"", many_callers(i)))
+        .collect();
+    // A network entry: nothing to prefetch, so its first request needs a call of its own.
+    entries.push("\"127.0.50.0/24\": \"on-demand\"".into());
+    let mapping = mapping_file(&format!("{{{}}}", entries.join(",\n")));
+    let (d, _state) = daemon(
+        &sts.url,
+        &[
+            "--role-mapping-file",
+            mapping.path().to_str().expect("utf8"),
+            "--sts-max-rate",
+            &RATE.to_string(),
+            "--sts-burst",
+            &BURST.to_string(),
+            "--sts-max-concurrency",
+            &CONCURRENCY.to_string(),
+        ],
+    );
+    let addr = d.addr();
+    let admin = d.admin_addr().expect("admin API");
+    let role_arn = |name: &str| format!("arn:aws:iam::123456789012:role/{name}");
+
+    // The burst is spent and the rest of the prefetch queues.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sts.assume_calls() < 2 * BURST {
+        assert!(Instant::now() < deadline, "the prefetch did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let queued = tokio::task::spawn_blocking(move || {
+        common::metric(admin, "imdsd_sts_limiter_waiting{priority=\"background\"}")
+    })
+    .await
+    .expect("join")
+    .expect("the limiter's queue is in the metrics");
+    assert!(queued > 100.0, "{queued} background calls waiting");
+
+    // A caller with nothing prefetched.
+    let before = sts.assume_calls();
+    let (status, body) = get_from(
+        "127.0.50.7".parse().expect("ip"),
+        addr,
+        &credentials_path("on-demand"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let on_demand = json(&body);
+    assert_eq!(on_demand["Code"], "Success");
+
+    // A caller whose prefetch has not gone yet: its queued fetch is promoted.
+    let seen: std::collections::HashSet<String> =
+        sts.assume_log().into_iter().map(|c| c.role_arn).collect();
+    let waiting = (0..ROLES)
+        .rev()
+        .find(|i| !seen.contains(&role_arn(&format!("prefetched-{i}"))))
+        .expect("a role still queued");
+    let before_joined = sts.assume_calls();
+    let (status, body) = get_from(
+        many_callers(waiting),
+        addr,
+        &credentials_path(&format!("prefetched-{waiting}")),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let joined = json(&body);
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sts.assume_calls() < ROLES + 1 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} calls made:\n{}",
+            sts.assume_calls(),
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = sts.assume_log();
+    assert_eq!(log.len(), ROLES + 1, "each role assumed exactly once");
+    let distinct: std::collections::HashSet<&str> =
+        log.iter().map(|c| c.role_arn.as_str()).collect();
+    assert_eq!(distinct.len(), ROLES + 1);
+
+    // Each caller got its own role's credentials, from a call made ahead of the queue: at most
+    // the calls already let through (in flight, up to the concurrency) went before it.
+    for (name, doc, asked_after) in [
+        ("on-demand".to_string(), &on_demand, before),
+        (format!("prefetched-{waiting}"), &joined, before_joined),
+    ] {
+        let at = log
+            .iter()
+            .position(|c| c.role_arn == role_arn(&name))
+            .expect("its call");
+        assert_eq!(doc["AccessKeyId"], log[at].access_key_id.as_str(), "{name}");
+        assert!(
+            at <= asked_after + CONCURRENCY + 2,
+            "{name}'s call was number {at}, asked for after {asked_after} calls"
+        );
+        assert!(
+            log.len() - at > 50,
+            "{name}'s call was number {at} of {}: the queue behind it was short",
+            log.len()
+        );
+    }
+
+    // Never more in flight than allowed, never more than burst + rate in any second (two calls
+    // of slack for scheduling jitter on a busy machine).
+    let most = log.iter().map(|c| c.in_flight).max().unwrap_or(0);
+    assert!(most <= CONCURRENCY, "{most} calls at once");
+    for (i, c) in log.iter().enumerate() {
+        let within = log[i..]
+            .iter()
+            .take_while(|o| o.started < c.started + Duration::from_secs(1))
+            .count();
+        assert!(
+            within <= BURST + RATE + 2,
+            "{within} calls in the second after call {i}"
+        );
+    }
+    let metrics = tokio::task::spawn_blocking(move || {
+        (
+            common::metric(admin, "imdsd_sts_limiter_admitted_total{priority=\"caller\"}"),
+            common::metric(admin, "imdsd_sts_limiter_admitted_total{priority=\"background\"}"),
+            common::metric(
+                admin,
+                "imdsd_sts_limiter_wait_seconds_total{priority=\"background\"}",
+            ),
+            common::metric(admin, "imdsd_sts_limiter_waiting{priority=\"background\"}"),
+        )
+    })
+    .await
+    .expect("join");
+    let (Some(caller), Some(background), Some(waited), Some(waiting_now)) = metrics else {
+        panic!("limiter metrics missing: {metrics:?}");
+    };
+    assert!((1.0..=2.0).contains(&caller), "{caller}");
+    assert_eq!(caller + background, (ROLES + 1) as f64);
+    assert!(waited > 1.0, "{waited} s waited in the background");
+    assert_eq!(waiting_now, 0.0);
+}

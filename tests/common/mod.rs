@@ -407,6 +407,43 @@ impl Process {
     }
 }
 
+impl Process {
+    /// Waits up to `timeout` for a log line containing every one of `needles`; returns it.
+    pub fn wait_for_log(&self, needles: &[&str], timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self
+                .log
+                .lock()
+                .expect("log lock")
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return Some(line.clone());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// One sample from the admin API's `/metrics`: the value of the series written exactly as
+/// `series` (name and labels, e.g. `imdsd_sts_errors_total` or `x{priority="caller"}`); `None`
+/// if it is not there. Blocking.
+pub fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let r = raw(admin, "GET", "/metrics", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    r.text().lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 fn extract_addr(line: &str) -> Option<SocketAddr> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     v.get("addr")?.as_str()?.parse().ok()

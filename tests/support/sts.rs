@@ -106,6 +106,19 @@ pub enum Behaviour {
     Fail,
 }
 
+/// One AssumeRole call as the scripted STS saw it.
+#[derive(Debug, Clone)]
+pub struct AssumeCall {
+    pub role_arn: String,
+    pub session_name: String,
+    /// The access key id granted (every call gets its own), whatever the answer was.
+    pub access_key_id: String,
+    pub started: Instant,
+    pub finished: Instant,
+    /// AssumeRole calls being answered when this one arrived, itself included.
+    pub in_flight: usize,
+}
+
 #[derive(Debug)]
 struct Script {
     default: Behaviour,
@@ -114,6 +127,8 @@ struct Script {
     delay: Duration,
     caller_arn: String,
     requests: Vec<HashMap<String, String>>,
+    calls: Vec<AssumeCall>,
+    in_flight: usize,
 }
 
 /// A scripted STS endpoint on 127.0.0.1.
@@ -137,6 +152,8 @@ impl ScriptedSts {
             delay: Duration::ZERO,
             caller_arn: "arn:aws:iam::123456789012:user/operator".into(),
             requests: Vec::new(),
+            calls: Vec::new(),
+            in_flight: 0,
         }));
         let assume_calls = Arc::new(AtomicUsize::new(0));
         let shutdown = CancellationToken::new();
@@ -191,6 +208,14 @@ impl ScriptedSts {
 
     pub fn assume_calls(&self) -> usize {
         self.assume_calls.load(Ordering::SeqCst)
+    }
+
+    /// Every AssumeRole call answered so far, in the order they arrived, with when and how many
+    /// at once.
+    pub fn assume_log(&self) -> Vec<AssumeCall> {
+        let mut calls = self.script.lock().expect("lock").calls.clone();
+        calls.sort_by_key(|c| c.started);
+        calls
     }
 
     /// The form parameters of every AssumeRole call so far.
@@ -255,10 +280,27 @@ async fn answer(
             )
         }
         "AssumeRole" => {
+            let started = Instant::now();
             let n = calls.fetch_add(1, Ordering::SeqCst);
+            let in_flight = {
+                let mut s = script.lock().expect("lock");
+                s.in_flight += 1;
+                s.in_flight
+            };
+            // Counted out also when the daemon gives up on the call (and the answer is dropped).
+            let done = InFlight(script.clone());
             tokio::time::sleep(delay).await;
+            drop(done);
             let role = form.get("RoleArn").cloned().unwrap_or_default();
             let session = form.get("RoleSessionName").cloned().unwrap_or_default();
+            script.lock().expect("lock").calls.push(AssumeCall {
+                role_arn: role.clone(),
+                session_name: session.clone(),
+                access_key_id: format!("ASIASCRIPTED{n:08}"),
+                started,
+                finished: Instant::now(),
+                in_flight,
+            });
             match behaviour {
                 Behaviour::Grant => {
                     let expiration =
@@ -305,6 +347,16 @@ async fn answer(
             "InvalidAction",
             &format!("unknown action {other}"),
         ),
+    }
+}
+
+struct InFlight(Arc<Mutex<Script>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.lock() {
+            s.in_flight -= 1;
+        }
     }
 }
 
