@@ -600,3 +600,188 @@ async fn a_start_with_hundreds_of_roles_stays_under_the_sts_limits_and_callers_g
     assert!(waited > 1.0, "{waited} s waited in the background");
     assert_eq!(waiting_now, 0.0);
 }
+
+/// How the scripted STS fails, for [`an_sts_fault_is_survived`].
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Nothing listens: connections are refused.
+    Refuse,
+    /// Calls are accepted and never answered within the SDK's timeouts.
+    Hang,
+    /// Calls get this answer.
+    Answer(Behaviour),
+}
+
+/// What a role with nothing cached gets while STS fails.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Cold {
+    /// A retryable 503 (and no document at all).
+    Unavailable,
+    /// EC2's error document: 200 with this `Code`, no credentials.
+    Refused(&'static str),
+}
+
+impl Fault {
+    async fn start(self, sts: &ScriptedSts) {
+        match self {
+            Fault::Refuse => sts.refuse_connections(),
+            Fault::Hang => sts.set_delay(Duration::from_secs(120)),
+            Fault::Answer(b) => sts.set(None, b),
+        }
+    }
+
+    async fn end(self, sts: &ScriptedSts) {
+        match self {
+            Fault::Refuse => sts.resume().await,
+            Fault::Hang => sts.set_delay(Duration::ZERO),
+            Fault::Answer(_) => sts.set(None, Behaviour::Grant),
+        }
+    }
+}
+
+/// Checks one answer for the cold role while STS fails: the fault's answer, and never
+/// credentials of any kind.
+fn assert_fault_answer(expected: Cold, status: u16, body: &str) {
+    assert!(
+        !body.contains("AccessKeyId") && !body.contains("Success"),
+        "credentials during the fault: {status} {body}"
+    );
+    match expected {
+        Cold::Unavailable => assert_eq!(status, 503, "{body}"),
+        Cold::Refused(code) => {
+            assert_eq!(status, 200, "{body}");
+            let doc = json(body);
+            assert_eq!(doc["Code"], code, "{body}");
+            assert!(
+                doc["Message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("role/cold")),
+                "{body}"
+            );
+        }
+    }
+}
+
+/// One STS fault end to end, against the daemon as a process: a role cached before the fault
+/// keeps being served (the same credentials); a role with nothing cached gets `cold`'s answer and
+/// never credentials; the daemon logs the failure with `logged` in the line, counts it in
+/// `imdsd_sts_errors_total`, and (for transient faults) says in `/readyz` that STS is unavailable;
+/// once the fault ends the cold role gets credentials of its own from STS, and nothing panicked.
+async fn an_sts_fault_is_survived(fault: Fault, cold: Cold, logged: &[&str]) {
+    let sts = ScriptedSts::start().await;
+    // A network entry: not prefetched, so "cold" has nothing cached when the fault starts.
+    let mapping = mapping_file(r#"{"127.0.0.4/30": "cold"}"#);
+    let (d, _state) = daemon(
+        &sts.url,
+        &[
+            "--role-mapping-file",
+            mapping.path().to_str().expect("utf8"),
+            "warm",
+        ],
+    );
+    let addr = d.addr();
+    let admin = d.admin_addr().expect("admin API");
+    let local: IpAddr = "127.0.0.1".parse().expect("ip");
+    let cold_caller: IpAddr = "127.0.0.5".parse().expect("ip");
+    let (status, before) = get_from(local, addr, &credentials_path("warm")).await;
+    assert_eq!(status, 200, "{before}");
+    let warm_key = json(&before)["AccessKeyId"].clone();
+    let errors_before = common::metric(admin, "imdsd_sts_errors_total").expect("metric");
+
+    fault.start(&sts).await;
+    let (status, during) = get_from(local, addr, &credentials_path("warm")).await;
+    assert_eq!(status, 200, "last good credentials: {during}");
+    assert_eq!(json(&during)["AccessKeyId"], warm_key);
+    let (status, body) = get_from(cold_caller, addr, &credentials_path("cold")).await;
+    assert_fault_answer(cold, status, &body);
+
+    let mut needles = vec!["could not obtain role credentials", "role/cold"];
+    needles.extend_from_slice(logged);
+    let line = tokio::task::block_in_place(|| d.wait_for_log(&needles, Duration::from_secs(40)))
+        .unwrap_or_else(|| panic!("no log line with {needles:?}:\n{}", d.log_text()));
+    eprintln!("{fault:?}: {line}");
+    assert!(line.contains("\"level\":\"WARN\""), "{line}");
+    let errors = common::metric(admin, "imdsd_sts_errors_total").expect("metric");
+    assert!(errors > errors_before, "{errors} STS errors counted");
+    let ready = raw(admin, "GET", "/readyz", &[]);
+    if cold == Cold::Unavailable {
+        assert_eq!(ready.status, 503, "{ready:?}");
+        assert!(ready.text().contains("STS"), "{ready:?}");
+    } else {
+        // A refusal for one role says nothing about STS.
+        assert_eq!(ready.status, 200, "{ready:?}");
+    }
+    // Still the last good credentials, still the fault's answer for the cold role.
+    let (status, during) = get_from(local, addr, &credentials_path("warm")).await;
+    assert_eq!((status, &json(&during)["AccessKeyId"]), (200, &warm_key));
+    let (status, body) = get_from(cold_caller, addr, &credentials_path("cold")).await;
+    assert_fault_answer(cold, status, &body);
+
+    fault.end(&sts).await;
+    // Errors are remembered for a while (5 s, a refusal 30 s) so that callers cannot hammer STS;
+    // until then the cold role keeps getting the fault's answer, never anything else.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let recovered = loop {
+        let (status, body) = get_from(cold_caller, addr, &credentials_path("cold")).await;
+        if status == 200 && body.contains("\"Success\"") {
+            break json(&body);
+        }
+        assert_fault_answer(cold, status, &body);
+        assert!(
+            Instant::now() < deadline,
+            "no recovery after the fault ended:\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // Its own role's credentials, as STS granted them.
+    let key = recovered["AccessKeyId"].as_str().expect("key");
+    assert!(
+        sts.assume_log()
+            .iter()
+            .any(|c| c.role_arn.ends_with(":role/cold") && c.access_key_id == key),
+        "{recovered}"
+    );
+    assert_ne!(recovered["AccessKeyId"], warm_key);
+    assert!(!recovered["SecretAccessKey"].as_str().expect("secret").is_empty());
+    let expiration =
+        humantime::parse_rfc3339(recovered["Expiration"].as_str().expect("exp")).expect("time");
+    assert!(expiration > SystemTime::now() + Duration::from_secs(50 * 60));
+    assert_eq!(raw(admin, "GET", "/readyz", &[]).status, 200);
+    let (status, after) = get_from(local, addr, &credentials_path("warm")).await;
+    assert_eq!((status, &json(&after)["AccessKeyId"]), (200, &warm_key));
+
+    let mut d = d;
+    assert_eq!(d.child.try_wait().expect("wait"), None, "the daemon exited");
+    assert!(!d.log_text().contains("panicked"), "{}", d.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sts_refusing_connections_serves_last_good_and_recovers() {
+    an_sts_fault_is_survived(Fault::Refuse, Cold::Unavailable, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sts_hanging_past_its_timeout_serves_last_good_and_recovers() {
+    an_sts_fault_is_survived(Fault::Hang, Cold::Unavailable, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sts_throttling_serves_last_good_and_recovers() {
+    an_sts_fault_is_survived(
+        Fault::Answer(Behaviour::Throttle),
+        Cold::Unavailable,
+        &["Throttling"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_denied_keeps_last_good_refuses_the_cold_role_as_ec2_does_and_recovers() {
+    an_sts_fault_is_survived(
+        Fault::Answer(Behaviour::Deny),
+        Cold::Refused("AssumeRoleUnauthorizedAccess"),
+        &["AccessDenied"],
+    )
+    .await;
+}

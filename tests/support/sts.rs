@@ -1,6 +1,7 @@
 //! STS for the tests: moto's server (the real STS wire protocol, from the test venv) and a small
 //! scripted STS that speaks the same Query/XML protocol for what moto cannot do on demand:
-//! AccessDenied, throttling, 500s, slow answers, chosen expiries, and counting calls.
+//! AccessDenied, throttling, 500s, slow answers, broken answers, refused connections, chosen
+//! expiries, and a record of every call.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -104,6 +105,15 @@ pub enum Behaviour {
     Throttle,
     /// 500 InternalFailure.
     Fail,
+    /// 502 with an HTML page, as a proxy or load balancer in front of STS would answer.
+    BadGateway,
+    /// 200 whose body is not XML at all.
+    Garbage,
+    /// 200 with a granted answer cut off in the middle.
+    Truncated,
+    /// 200, well-formed, with a `Credentials` element whose fields are all missing: what an SDK
+    /// that fills in required fields turns into empty strings and the Unix epoch.
+    EmptyCredentials,
 }
 
 /// One AssumeRole call as the scripted STS saw it.
@@ -134,9 +144,10 @@ struct Script {
 /// A scripted STS endpoint on 127.0.0.1.
 pub struct ScriptedSts {
     pub url: String,
+    addr: SocketAddr,
     script: Arc<Mutex<Script>>,
     assume_calls: Arc<AtomicUsize>,
-    shutdown: CancellationToken,
+    shutdown: Mutex<CancellationToken>,
 }
 
 impl ScriptedSts {
@@ -144,7 +155,8 @@ impl ScriptedSts {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let addr = listener.local_addr().expect("addr");
+        let url = format!("http://{addr}");
         let script = Arc::new(Mutex::new(Script {
             default: Behaviour::Grant,
             per_role: HashMap::new(),
@@ -156,30 +168,35 @@ impl ScriptedSts {
             in_flight: 0,
         }));
         let assume_calls = Arc::new(AtomicUsize::new(0));
-        let shutdown = CancellationToken::new();
-        let (s, c) = (script.clone(), assume_calls.clone());
-        let handler = Arc::new(move |_caller: IpAddr| {
-            let (s, c) = (s.clone(), c.clone());
-            move |req: Request<Incoming>| {
-                let (s, c) = (s.clone(), c.clone());
-                async move { answer(req, s, c).await }
-            }
-        });
-        tokio::spawn(imdsd::server::serve(
-            listener,
-            handler,
-            imdsd::server::ServerOptions {
-                keep_alive: true,
-                ..Default::default()
-            },
-            shutdown.clone(),
-        ));
+        let shutdown = serve(listener, script.clone(), assume_calls.clone());
         ScriptedSts {
             url,
+            addr,
             script,
             assume_calls,
-            shutdown,
+            shutdown: Mutex::new(shutdown),
         }
+    }
+
+    /// Stops listening and closes every connection: calls are refused until [`Self::resume`].
+    pub fn refuse_connections(&self) {
+        self.shutdown.lock().expect("lock").cancel();
+    }
+
+    /// Listens again on the same address, with the same script and records.
+    pub async fn resume(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "cannot listen on {} again: {e}", self.addr);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let token = serve(listener, self.script.clone(), self.assume_calls.clone());
+        *self.shutdown.lock().expect("lock") = token;
     }
 
     /// What AssumeRole does for role ARNs ending in `role_suffix` (or every role, with `None`).
@@ -233,8 +250,35 @@ impl ScriptedSts {
 
 impl Drop for ScriptedSts {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        if let Ok(token) = self.shutdown.lock() {
+            token.cancel();
+        }
     }
+}
+
+fn serve(
+    listener: tokio::net::TcpListener,
+    script: Arc<Mutex<Script>>,
+    calls: Arc<AtomicUsize>,
+) -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let handler = Arc::new(move |_caller: IpAddr| {
+        let (s, c) = (script.clone(), calls.clone());
+        move |req: Request<Incoming>| {
+            let (s, c) = (s.clone(), c.clone());
+            async move { answer(req, s, c).await }
+        }
+    });
+    tokio::spawn(imdsd::server::serve(
+        listener,
+        handler,
+        imdsd::server::ServerOptions {
+            keep_alive: true,
+            ..Default::default()
+        },
+        shutdown.clone(),
+    ));
+    shutdown
 }
 
 async fn answer(
@@ -302,14 +346,12 @@ async fn answer(
                 in_flight,
             });
             match behaviour {
-                Behaviour::Grant => {
+                Behaviour::Grant | Behaviour::Truncated => {
                     let expiration =
                         humantime::format_rfc3339_seconds(SystemTime::now() + lifetime);
                     let name = role.rsplit('/').next().unwrap_or_default();
                     let account = role.split(':').nth(4).unwrap_or_default();
-                    xml(
-                        StatusCode::OK,
-                        format!(
+                    let mut body = format!(
                             "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
                              <AssumeRoleResult><Credentials>\
                              <AccessKeyId>ASIASCRIPTED{n:08}</AccessKeyId>\
@@ -321,8 +363,43 @@ async fn answer(
                              </AssumedRoleUser></AssumeRoleResult>\
                              <ResponseMetadata><RequestId>r-{n}</RequestId></ResponseMetadata>\
                              </AssumeRoleResponse>"
-                        ),
-                    )
+                        );
+                    if behaviour == Behaviour::Truncated {
+                        // Cut inside the secret key: the access key id made it, nothing after.
+                        let cut = body.find("<SecretAccessKey>").expect("secret") + 20;
+                        body.truncate(cut);
+                    }
+                    xml(StatusCode::OK, body)
+                }
+                Behaviour::EmptyCredentials => xml(
+                    StatusCode::OK,
+                    "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+                     <AssumeRoleResult><Credentials></Credentials></AssumeRoleResult>\
+                     <ResponseMetadata><RequestId>r-empty</RequestId></ResponseMetadata>\
+                     </AssumeRoleResponse>"
+                        .to_string(),
+                ),
+                Behaviour::Garbage => {
+                    let mut res = Response::new(Full::new(Bytes::from_static(
+                        b"\x00\x9f\x92\x96 this is not XML {\"json\": maybe}",
+                    )));
+                    res.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/xml"),
+                    );
+                    res
+                }
+                Behaviour::BadGateway => {
+                    let mut res = Response::new(Full::new(Bytes::from_static(
+                        b"<html><head><title>502 Bad Gateway</title></head><body>\
+                          <center><h1>502 Bad Gateway</h1></center></body></html>",
+                    )));
+                    *res.status_mut() = StatusCode::BAD_GATEWAY;
+                    res.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/html"),
+                    );
+                    res
                 }
                 Behaviour::Deny => error(
                     StatusCode::FORBIDDEN,
