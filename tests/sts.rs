@@ -785,3 +785,18 @@ async fn access_denied_keeps_last_good_refuses_the_cold_role_as_ec2_does_and_rec
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_truncated_sts_answer_is_never_served_and_recovers() {
+    an_sts_fault_is_survived(Fault::Answer(Behaviour::Truncated), Cold::Unavailable, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_sts_answer_with_empty_credentials_is_never_served_as_success() {
+    an_sts_fault_is_survived(
+        Fault::Answer(Behaviour::EmptyCredentials),
+        Cold::Unavailable,
+        &[],
+    )
+    .await;
+}

@@ -672,6 +672,14 @@ impl Inner {
         let result = self.source.assume(&entry.key).await;
         drop(permit);
         let now = self.clock.now();
+        let result = result.and_then(|credentials| match credentials.unusable(now) {
+            None => Ok(credentials),
+            Some(why) => Err(SourceError::Unavailable(format!(
+                "{} answered for {} without usable credentials ({why})",
+                self.source.kind(),
+                entry.key.role_arn
+            ))),
+        });
         let outcome = match result {
             Ok(credentials) => {
                 let served = Arc::new(self.served(credentials, now, &entry.key));
@@ -874,6 +882,9 @@ mod tests {
         calls: AtomicU64,
         failing: AtomicBool,
         denied: AtomicBool,
+        /// Answer "success" with empty fields and the Unix epoch, as an SDK does for a cut-off
+        /// answer.
+        empty: AtomicBool,
         seen: StdMutex<Vec<AssumeRequest>>,
     }
 
@@ -886,6 +897,7 @@ mod tests {
                 calls: AtomicU64::new(0),
                 failing: AtomicBool::new(false),
                 denied: AtomicBool::new(false),
+                empty: AtomicBool::new(false),
                 seen: StdMutex::new(Vec::new()),
             })
         }
@@ -911,6 +923,15 @@ mod tests {
                 }
                 if self.failing.load(Ordering::SeqCst) {
                     return Err(SourceError::Unavailable("sts is down".into()));
+                }
+                if self.empty.load(Ordering::SeqCst) {
+                    return Ok(Credentials {
+                        access_key_id: String::new(),
+                        secret_access_key: Secret::new(""),
+                        session_token: Secret::new(""),
+                        expiration: SystemTime::UNIX_EPOCH,
+                        assumed_role_arn: None,
+                    });
                 }
                 Ok(Credentials {
                     access_key_id: format!("ASIA{n:016}"),
@@ -1082,6 +1103,27 @@ mod tests {
             recovered.credentials.access_key_id,
             first.credentials.access_key_id
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_success_without_usable_credentials_is_a_failure_and_never_served() {
+        let (broker, source, _) = setup(Duration::from_secs(3600));
+        let k = key("s");
+        let good = broker.get(&k).await.expect("ok");
+        source.empty.store(true, Ordering::SeqCst);
+        let cold = key("cold");
+        let err = broker.get(&cold).await.expect_err("nothing usable");
+        assert!(!err.error.is_permanent(), "{err:?}");
+        assert!(err.to_string().contains("without usable credentials"), "{err}");
+        assert!(broker.peek(&cold).is_none());
+        assert_eq!(broker.stats().source_errors, 1);
+        // What was cached stays what is served.
+        let still = broker.get(&k).await.expect("cached");
+        assert!(Arc::ptr_eq(&good, &still));
+        source.empty.store(false, Ordering::SeqCst);
+        tokio::time::advance(BrokerConfig::default().unavailable_ttl + Duration::from_secs(1)).await;
+        let fresh = broker.get(&cold).await.expect("recovered");
+        assert!(!fresh.credentials.access_key_id.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -262,13 +262,22 @@ impl CredentialSource for StsSource {
             let expiration = SystemTime::try_from(*creds.expiration()).map_err(|e| {
                 SourceError::Unavailable(format!("STS returned an unusable expiration: {e}"))
             })?;
-            Ok(Credentials {
+            let credentials = Credentials {
                 access_key_id: creds.access_key_id().to_string(),
                 secret_access_key: Secret::new(creds.secret_access_key()),
                 session_token: Secret::new(creds.session_token()),
                 expiration,
                 assumed_role_arn: output.assumed_role_user().map(|u| u.arn().to_string()),
-            })
+            };
+            // The SDK fills the required fields of a cut-off or malformed answer with empty
+            // strings and the Unix epoch rather than failing: that is a failed call.
+            match credentials.unusable(SystemTime::now()) {
+                None => Ok(credentials),
+                Some(why) => Err(SourceError::Unavailable(format!(
+                    "STS answered AssumeRole for {} without usable credentials ({why})",
+                    request.role_arn
+                ))),
+            }
         }
         .boxed()
     }
