@@ -581,8 +581,14 @@ async fn a_start_with_hundreds_of_roles_stays_under_the_sts_limits_and_callers_g
     }
     let metrics = tokio::task::spawn_blocking(move || {
         (
-            common::metric(admin, "imdsd_sts_limiter_admitted_total{priority=\"caller\"}"),
-            common::metric(admin, "imdsd_sts_limiter_admitted_total{priority=\"background\"}"),
+            common::metric(
+                admin,
+                "imdsd_sts_limiter_admitted_total{priority=\"caller\"}",
+            ),
+            common::metric(
+                admin,
+                "imdsd_sts_limiter_admitted_total{priority=\"background\"}",
+            ),
             common::metric(
                 admin,
                 "imdsd_sts_limiter_wait_seconds_total{priority=\"background\"}",
@@ -743,7 +749,12 @@ async fn an_sts_fault_is_survived(fault: Fault, cold: Cold, logged: &[&str]) {
         "{recovered}"
     );
     assert_ne!(recovered["AccessKeyId"], warm_key);
-    assert!(!recovered["SecretAccessKey"].as_str().expect("secret").is_empty());
+    assert!(
+        !recovered["SecretAccessKey"]
+            .as_str()
+            .expect("secret")
+            .is_empty()
+    );
     let expiration =
         humantime::parse_rfc3339(recovered["Expiration"].as_str().expect("exp")).expect("time");
     assert!(expiration > SystemTime::now() + Duration::from_secs(50 * 60));
@@ -777,11 +788,21 @@ async fn sts_throttling_serves_last_good_and_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn access_denied_keeps_last_good_refuses_the_cold_role_as_ec2_does_and_recovers() {
+async fn an_html_502_from_a_proxy_before_sts_is_transient_and_recovers() {
     an_sts_fault_is_survived(
-        Fault::Answer(Behaviour::Deny),
-        Cold::Refused("AssumeRoleUnauthorizedAccess"),
-        &["AccessDenied"],
+        Fault::Answer(Behaviour::BadGateway),
+        Cold::Unavailable,
+        &["HTTP 502"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_from_sts_is_never_served_and_recovers() {
+    an_sts_fault_is_survived(
+        Fault::Answer(Behaviour::Garbage),
+        Cold::Unavailable,
+        &["HTTP 200", "not an AssumeRole response"],
     )
     .await;
 }
@@ -797,6 +818,16 @@ async fn an_sts_answer_with_empty_credentials_is_never_served_as_success() {
         Fault::Answer(Behaviour::EmptyCredentials),
         Cold::Unavailable,
         &[],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_denied_keeps_last_good_refuses_the_cold_role_as_ec2_does_and_recovers() {
+    an_sts_fault_is_survived(
+        Fault::Answer(Behaviour::Deny),
+        Cold::Refused("AssumeRoleUnauthorizedAccess"),
+        &["AccessDenied"],
     )
     .await;
 }

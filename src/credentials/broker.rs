@@ -1114,14 +1114,18 @@ mod tests {
         let cold = key("cold");
         let err = broker.get(&cold).await.expect_err("nothing usable");
         assert!(!err.error.is_permanent(), "{err:?}");
-        assert!(err.to_string().contains("without usable credentials"), "{err}");
+        assert!(
+            err.to_string().contains("without usable credentials"),
+            "{err}"
+        );
         assert!(broker.peek(&cold).is_none());
         assert_eq!(broker.stats().source_errors, 1);
         // What was cached stays what is served.
         let still = broker.get(&k).await.expect("cached");
         assert!(Arc::ptr_eq(&good, &still));
         source.empty.store(false, Ordering::SeqCst);
-        tokio::time::advance(BrokerConfig::default().unavailable_ttl + Duration::from_secs(1)).await;
+        tokio::time::advance(BrokerConfig::default().unavailable_ttl + Duration::from_secs(1))
+            .await;
         let fresh = broker.get(&cold).await.expect("recovered");
         assert!(!fresh.credentials.access_key_id.is_empty());
     }

@@ -190,7 +190,11 @@ impl ScriptedSts {
             match tokio::net::TcpListener::bind(self.addr).await {
                 Ok(l) => break l,
                 Err(e) => {
-                    assert!(Instant::now() < deadline, "cannot listen on {} again: {e}", self.addr);
+                    assert!(
+                        Instant::now() < deadline,
+                        "cannot listen on {} again: {e}",
+                        self.addr
+                    );
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
@@ -352,7 +356,7 @@ async fn answer(
                     let name = role.rsplit('/').next().unwrap_or_default();
                     let account = role.split(':').nth(4).unwrap_or_default();
                     let mut body = format!(
-                            "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+                        "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
                              <AssumeRoleResult><Credentials>\
                              <AccessKeyId>ASIASCRIPTED{n:08}</AccessKeyId>\
                              <SecretAccessKey>scripted/secret/key/{n:020}</SecretAccessKey>\
@@ -363,7 +367,7 @@ async fn answer(
                              </AssumedRoleUser></AssumeRoleResult>\
                              <ResponseMetadata><RequestId>r-{n}</RequestId></ResponseMetadata>\
                              </AssumeRoleResponse>"
-                        );
+                    );
                     if behaviour == Behaviour::Truncated {
                         // Cut inside the secret key: the access key id made it, nothing after.
                         let cut = body.find("<SecretAccessKey>").expect("secret") + 20;
