@@ -323,6 +323,23 @@ async fn an_sts_outage_keeps_serving_last_good_credentials_and_recovers() {
         "{:?}",
         started.elapsed()
     );
+    // Said in the log, counted, and shown in /readyz.
+    let line = d
+        .wait_for_log(
+            &[
+                "could not obtain role credentials",
+                "role/cold",
+                "InternalFailure",
+            ],
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("no log line for the failure:\n{}", d.log_text()));
+    assert!(line.contains("\"level\":\"WARN\""), "{line}");
+    let admin = d.admin_addr().expect("admin API");
+    assert!(common::metric(admin, "imdsd_sts_errors_total").expect("metric") >= 1.0);
+    let ready = raw(admin, "GET", "/readyz", &[]);
+    assert_eq!(ready.status, 503, "{ready:?}");
+    assert!(ready.text().contains("STS is unavailable"), "{ready:?}");
 
     sts.set(None, Behaviour::Grant);
     // Transient errors are remembered for a few seconds so that clients cannot hammer STS.
@@ -330,6 +347,7 @@ async fn an_sts_outage_keeps_serving_last_good_credentials_and_recovers() {
     let (status, body) = get_from(cold, addr, &credentials_path("cold")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(json(&body)["Code"], "Success");
+    assert_eq!(raw(admin, "GET", "/readyz", &[]).status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]
