@@ -451,7 +451,26 @@ fn extract_addr(line: &str) -> Option<SocketAddr> {
 
 /// Runs the binary to completion (for configuration errors); returns (exit code, stderr).
 pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let output = aws_clean_command(Path::new(env!("CARGO_BIN_EXE_imdsd")))
+    run_to_exit_under(&[], args, env)
+}
+
+/// [`run_to_exit`] through a wrapper command that ends by running its remaining arguments
+/// (`unshare …`, `setpriv …`): `wrapper… <imdsd> args…`.
+pub fn run_to_exit_under(
+    wrapper: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String) {
+    let imdsd = Path::new(env!("CARGO_BIN_EXE_imdsd"));
+    let mut command = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = aws_clean_command(Path::new(program));
+            c.args(rest).arg(imdsd);
+            c
+        }
+        None => aws_clean_command(imdsd),
+    };
+    let output = command
         .args(args)
         .envs(env.iter().copied())
         .env("AWS_EC2_METADATA_DISABLED", "true")
