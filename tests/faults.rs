@@ -75,6 +75,42 @@ fn left_behind(stderr: &str) -> String {
 }
 
 #[test]
+fn a_full_state_directory_stops_the_start_naming_it_and_the_fix_and_leaves_nothing_half_written() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("state");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let path = dir.to_str().expect("utf8");
+    let (code, stderr) =
+        with_tmpfs_state(&dir, "size=4k", true, &["--state-dir", path, "demo"], &[]);
+    eprintln!("{stderr}");
+    assert_eq!(code, Some(64), "the operator's to fix: {stderr}");
+    assert!(stderr.contains(path), "names the directory: {stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    assert!(stderr.contains("free space"), "says the fix: {stderr}");
+    assert_eq!(left_behind(&stderr), "[]", "{stderr}");
+}
+
+#[test]
+fn a_full_systemd_state_directory_stops_the_start_naming_it_and_the_fix() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("state");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let path = dir.to_str().expect("utf8");
+    let (code, stderr) = with_tmpfs_state(
+        &dir,
+        "size=4k",
+        true,
+        &["demo"],
+        &[("STATE_DIRECTORY", path)],
+    );
+    eprintln!("{stderr}");
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains(path), "names the directory: {stderr}");
+    assert!(stderr.contains("free space"), "says the fix: {stderr}");
+    assert_eq!(left_behind(&stderr), "[]", "{stderr}");
+}
+
+#[test]
 fn a_read_only_state_directory_stops_the_start_naming_it_and_the_fix() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("state");
