@@ -164,3 +164,102 @@ fn a_state_directory_the_daemons_user_may_not_write_stops_the_start_naming_it_an
     assert!(stderr.contains("write access"), "says the fix: {stderr}");
     assert!(!dir.exists(), "nothing created");
 }
+
+/// The role mapping file is read once, at start (reloading it is for a later issue): removing it,
+/// corrupting it or replacing it while the daemon runs changes nothing — each mapped caller keeps
+/// its role, the daemon logs nothing alarming and keeps running.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_mapping_file_removed_or_corrupted_after_start_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mapping = dir.path().join("roles.json");
+    std::fs::write(
+        &mapping,
+        r#"{"127.0.0.7": "mapped-exact", "127.0.0.8/29": "mapped-network"}"#,
+    )
+    .expect("write");
+    let state = dir.path().join("state");
+    let mut d = common::Process::spawn(
+        &[
+            "--fake-credentials",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            state.to_str().expect("utf8"),
+            "--role-mapping-file",
+            mapping.to_str().expect("utf8"),
+        ],
+        &[],
+    );
+    let addr = d.addr();
+    let roles = || async {
+        let mut seen = Vec::new();
+        for caller in ["127.0.0.7", "127.0.0.9", "127.0.0.20"] {
+            let r = common::raw_from(
+                caller.parse().expect("ip"),
+                addr,
+                "GET",
+                "/latest/meta-data/iam/security-credentials/",
+                &[],
+            )
+            .await;
+            // The role listing; a 404 is EC2's page, the same every time.
+            let listed = if r.status == 200 {
+                String::from_utf8_lossy(&r.body).into_owned()
+            } else {
+                String::new()
+            };
+            seen.push((caller, r.status, listed));
+        }
+        seen
+    };
+    let expected = vec![
+        ("127.0.0.7", 200, "mapped-exact".to_string()),
+        ("127.0.0.9", 200, "mapped-network".to_string()),
+        // Outside the file and without a default role: no role, as on an instance without one.
+        ("127.0.0.20", 404, String::new()),
+    ];
+    assert_eq!(roles().await, expected);
+    let creds = common::raw_from(
+        "127.0.0.7".parse().expect("ip"),
+        addr,
+        "GET",
+        "/latest/meta-data/iam/security-credentials/mapped-exact",
+        &[],
+    )
+    .await;
+    assert_eq!(creds.status, 200, "{creds:?}");
+    let lines_at_start = d.log_text().lines().count();
+
+    std::fs::remove_file(&mapping).expect("remove");
+    assert_eq!(roles().await, expected, "after the file was removed");
+    std::fs::write(&mapping, "{\"127.0.0.7\": \"mapped-exa").expect("corrupt");
+    assert_eq!(roles().await, expected, "after the file was corrupted");
+    std::fs::write(
+        &mapping,
+        r#"{"127.0.0.7": "someone-else", "127.0.0.20": "x"}"#,
+    )
+    .expect("replace");
+    assert_eq!(roles().await, expected, "after the file was replaced");
+    let creds = common::raw_from(
+        "127.0.0.7".parse().expect("ip"),
+        addr,
+        "GET",
+        "/latest/meta-data/iam/security-credentials/mapped-exact",
+        &[],
+    )
+    .await;
+    assert_eq!(creds.status, 200, "{creds:?}");
+    assert!(String::from_utf8_lossy(&creds.body).contains("\"Success\""));
+
+    assert_eq!(d.child.try_wait().expect("wait"), None, "the daemon exited");
+    let log = d.log_text();
+    let since: Vec<&str> = log.lines().skip(lines_at_start).collect();
+    assert!(!since.is_empty(), "the requests were logged");
+    for line in since {
+        assert!(
+            line.contains("\"level\":\"INFO\"") || line.contains("\"level\":\"DEBUG\""),
+            "nothing alarming after the change: {line}"
+        );
+    }
+    assert!(!log.contains("panicked"), "{log}");
+}
