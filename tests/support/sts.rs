@@ -139,6 +139,10 @@ struct Script {
     requests: Vec<HashMap<String, String>>,
     calls: Vec<AssumeCall>,
     in_flight: usize,
+    /// Calls waiting at the gate now.
+    held: usize,
+    /// While `true`, AssumeRole calls are held (after being counted) until it turns `false`.
+    gate: tokio::sync::watch::Sender<bool>,
 }
 
 /// A scripted STS endpoint on 127.0.0.1.
@@ -166,6 +170,8 @@ impl ScriptedSts {
             requests: Vec::new(),
             calls: Vec::new(),
             in_flight: 0,
+            held: 0,
+            gate: tokio::sync::watch::channel(false).0,
         }));
         let assume_calls = Arc::new(AtomicUsize::new(0));
         let shutdown = serve(listener, script.clone(), assume_calls.clone());
@@ -229,6 +235,26 @@ impl ScriptedSts {
 
     pub fn assume_calls(&self) -> usize {
         self.assume_calls.load(Ordering::SeqCst)
+    }
+
+    /// Holds every AssumeRole call that arrives from now on (they are counted, and answered only
+    /// after [`Self::release`]).
+    pub fn hold(&self) {
+        self.script.lock().expect("lock").gate.send_replace(true);
+    }
+
+    pub fn release(&self) {
+        self.script.lock().expect("lock").gate.send_replace(false);
+    }
+
+    /// AssumeRole calls being answered (or held) right now.
+    pub fn in_flight(&self) -> usize {
+        self.script.lock().expect("lock").in_flight
+    }
+
+    /// AssumeRole calls held by [`Self::hold`] right now.
+    pub fn held(&self) -> usize {
+        self.script.lock().expect("lock").held
     }
 
     /// Every AssumeRole call answered so far, in the order they arrived, with when and how many
@@ -330,13 +356,18 @@ async fn answer(
         "AssumeRole" => {
             let started = Instant::now();
             let n = calls.fetch_add(1, Ordering::SeqCst);
-            let in_flight = {
+            let (in_flight, mut gate) = {
                 let mut s = script.lock().expect("lock");
                 s.in_flight += 1;
-                s.in_flight
+                (s.in_flight, s.gate.subscribe())
             };
             // Counted out also when the daemon gives up on the call (and the answer is dropped).
             let done = InFlight(script.clone());
+            if *gate.borrow_and_update() {
+                script.lock().expect("lock").held += 1;
+                let _waiting = Held(script.clone());
+                let _ = gate.wait_for(|held| !*held).await;
+            }
             tokio::time::sleep(delay).await;
             drop(done);
             let role = form.get("RoleArn").cloned().unwrap_or_default();
@@ -432,6 +463,16 @@ async fn answer(
 }
 
 struct InFlight(Arc<Mutex<Script>>);
+
+struct Held(Arc<Mutex<Script>>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.lock() {
+            s.held -= 1;
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
