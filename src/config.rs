@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use crate::credentials::broker::BrokerConfig;
 use crate::credentials::fake::DEFAULT_LIFETIME;
+use crate::credentials::limiter::LimiterOptions;
 use crate::docker::{DockerOptions, NetworkScope};
 use crate::host::AllowedHosts;
 use crate::identity::container::{ContainerRules, DEFAULT_UNKNOWN_CALLER_WAIT, SessionKey};
@@ -202,6 +203,36 @@ pub struct Cli {
         value_name = "URL"
     )]
     pub sts_endpoint: Option<String>,
+
+    /// AssumeRole calls per second at most, once the burst is spent (STS throttles per account,
+    /// for every caller in it). Callers waiting for a role go before background refreshes.
+    /// [default: 50]
+    #[arg(
+        help_heading = "Credentials and roles",
+        long,
+        env = "IMDSD_STS_MAX_RATE",
+        value_name = "CALLS"
+    )]
+    pub sts_max_rate: Option<String>,
+
+    /// AssumeRole calls that may go at once after a quiet spell (a host's worth of cold requests).
+    /// [default: 100]
+    #[arg(
+        help_heading = "Credentials and roles",
+        long,
+        env = "IMDSD_STS_BURST",
+        value_name = "CALLS"
+    )]
+    pub sts_burst: Option<String>,
+
+    /// AssumeRole calls in flight at once; more wait their turn. [default: 32]
+    #[arg(
+        help_heading = "Credentials and roles",
+        long,
+        env = "IMDSD_STS_MAX_CONCURRENCY",
+        value_name = "CALLS"
+    )]
+    pub sts_max_concurrency: Option<String>,
 
     /// DurationSeconds of the sessions imdsd creates (900 to 43200; role chains are capped at 3600).
     /// [default: 3600]
@@ -478,6 +509,9 @@ pub struct FileConfig {
     pub region: Option<String>,
     pub profile: Option<String>,
     pub sts_endpoint: Option<String>,
+    pub sts_max_rate: Option<f64>,
+    pub sts_burst: Option<u32>,
+    pub sts_max_concurrency: Option<u32>,
     pub role_duration: Option<u32>,
     pub source_imds: Option<bool>,
     pub state_dir: Option<PathBuf>,
@@ -798,6 +832,9 @@ fn flag_to_key(flag: &'static str) -> &'static str {
         "strict-expect" => "strict_expect",
         "forwarded-for" => "forwarded_for",
         "sts-endpoint" => "sts_endpoint",
+        "sts-max-rate" => "sts_max_rate",
+        "sts-burst" => "sts_burst",
+        "sts-max-concurrency" => "sts_max_concurrency",
         "role-duration" => "role_duration",
         "source-imds" => "source_imds",
         "docker-host" => "docker_host",
@@ -1140,6 +1177,43 @@ fn resolve(
     };
 
     let mut broker = BrokerConfig::default();
+    let mut limiter = LimiterOptions::default();
+    if let Some((s, origin)) = r.pick(
+        "sts_max_rate",
+        "sts-max-rate",
+        "IMDSD_STS_MAX_RATE",
+        cli.sts_max_rate.clone(),
+        file.sts_max_rate.map(|v| v.to_string()),
+    ) {
+        match LimiterOptions::parse_rate(&s) {
+            Ok(v) => limiter.rate = v,
+            Err(e) => r.problem(&origin, e),
+        }
+    }
+    if let Some((s, origin)) = r.pick(
+        "sts_burst",
+        "sts-burst",
+        "IMDSD_STS_BURST",
+        cli.sts_burst.clone(),
+        file.sts_burst.map(|v| v.to_string()),
+    ) {
+        match LimiterOptions::parse_burst(&s) {
+            Ok(v) => limiter.burst = v,
+            Err(e) => r.problem(&origin, e),
+        }
+    }
+    if let Some((s, origin)) = r.pick(
+        "sts_max_concurrency",
+        "sts-max-concurrency",
+        "IMDSD_STS_MAX_CONCURRENCY",
+        cli.sts_max_concurrency.clone(),
+        file.sts_max_concurrency.map(|v| v.to_string()),
+    ) {
+        match LimiterOptions::parse_concurrency(&s) {
+            Ok(v) => limiter.concurrency = v,
+            Err(e) => r.problem(&origin, e),
+        }
+    }
     if let Some((s, origin)) = r.pick(
         "refresh_threshold",
         "refresh-threshold",
@@ -1429,6 +1503,9 @@ fn resolve(
             problems: r.problems,
         });
     }
+    // Fake credentials make no calls, so there is nothing to protect (and a benchmark's 10,000
+    // synthetic containers are prefetched at once).
+    broker.limiter = (!fake).then_some(limiter);
     let source = if fake {
         SourceConfig::Fake {
             lifetime: fake_lifetime,
@@ -2081,6 +2158,55 @@ mod tests {
     }
 
     #[test]
+    fn sts_limits_come_from_flags_or_the_file_are_checked_and_are_off_for_fake_credentials() {
+        let c = config(&[]).expect("valid");
+        assert_eq!(c.broker.limiter, Some(LimiterOptions::default()));
+        let f = file("sts_max_rate = 2.5\nsts_burst = 7\nsts_max_concurrency = 3\n");
+        let path = f.path().to_str().expect("utf8").to_string();
+        let c = config(&["--config", &path]).expect("valid");
+        assert_eq!(
+            c.broker.limiter,
+            Some(LimiterOptions {
+                rate: 2.5,
+                burst: 7,
+                concurrency: 3
+            })
+        );
+        let c = config(&["--config", &path, "--sts-max-rate", "40"]).expect("valid");
+        assert_eq!(c.broker.limiter.map(|l| (l.rate, l.burst)), Some((40.0, 7)));
+        assert_eq!(
+            config(&["--fake-credentials", "--sts-max-rate", "1"])
+                .expect("valid")
+                .broker
+                .limiter,
+            None
+        );
+
+        let bad = file("sts_burst = 0\n");
+        let bad_path = bad.path().to_str().expect("utf8").to_string();
+        let err = config(&[
+            "--config",
+            &bad_path,
+            "--sts-max-rate",
+            "0",
+            "--sts-max-concurrency",
+            "none",
+        ])
+        .expect_err("invalid");
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 3, "{text}");
+        assert!(
+            text.contains("--sts-max-rate: \"0\" is not a rate"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{bad_path}: sts_burst: \"0\"")),
+            "{text}"
+        );
+        assert!(text.contains("--sts-max-concurrency: \"none\""), "{text}");
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once_with_its_origin() {
         let f = file("http_endpoint = \"sometimes\"\n[instance]\naccount_id = \"42\"\n");
         let path = f.path().to_str().expect("utf8").to_string();
@@ -2335,6 +2461,9 @@ mod tests {
         region: (),
         profile: (),
         sts_endpoint: (),
+        sts_max_rate: (),
+        sts_burst: (),
+        sts_max_concurrency: (),
         role_duration: (),
         source_imds: (),
         state_dir: (),

@@ -1,7 +1,8 @@
 //! Prometheus metrics: what the request path records (requests by route and status, latency,
 //! IMDSv2 tokens, STS call latency), what the listeners record (open connections, connections
 //! closed or refused at a cap), and what is read from the other parts at scrape time
-//! (credential cache, STS calls and errors, the Docker index and watcher, log lines dropped).
+//! (credential cache, STS calls and errors, the STS limiter's queue, the Docker index and
+//! watcher, log lines dropped).
 //!
 //! The request path only increments atomics: `prometheus-client`'s families take a read lock on
 //! a map that is written once per new label combination, so the request path looks each series up
@@ -400,6 +401,23 @@ fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) ->
     metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
+/// One series per limiter priority (`priority="caller"` and `priority="background"`).
+fn by_priority<M: EncodeMetric + TypedMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    caller: M,
+    background: M,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, M::TYPE)?;
+    caller.encode(family.encode_family(&[("priority", "caller")])?)?;
+    background.encode(family.encode_family(&[("priority", "background")])?)
+}
+
+fn usize_gauge(n: usize) -> ConstGauge {
+    ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
 impl Collector for Scraped {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         counter(
@@ -451,6 +469,35 @@ impl Collector for Scraped {
             "Role sessions in the credential cache",
             i64::try_from(self.broker.len()).unwrap_or(i64::MAX),
         )?;
+        if let Some(l) = self.broker.limiter() {
+            by_priority(
+                &mut e,
+                "sts_limiter_waiting",
+                "AssumeRole calls waiting for the STS limiter (rate, burst, concurrency), by who waits for them",
+                usize_gauge(l.waiting_caller),
+                usize_gauge(l.waiting_background),
+            )?;
+            by_priority(
+                &mut e,
+                "sts_limiter_admitted",
+                "AssumeRole calls let through by the STS limiter, by the priority they went with",
+                ConstCounter::new(l.admitted_caller),
+                ConstCounter::new(l.admitted_background),
+            )?;
+            by_priority(
+                &mut e,
+                "sts_limiter_wait_seconds",
+                "Time AssumeRole calls spent waiting for the STS limiter, in total",
+                ConstCounter::new(l.waited_caller.as_secs_f64()),
+                ConstCounter::new(l.waited_background.as_secs_f64()),
+            )?;
+            gauge(
+                &mut e,
+                "sts_limiter_in_flight",
+                "AssumeRole calls in flight",
+                i64::try_from(l.in_flight).unwrap_or(i64::MAX),
+            )?;
+        }
         if let Some(index) = &self.index {
             gauge(
                 &mut e,

@@ -37,11 +37,7 @@ impl StateDir {
             return prepare(dir)
                 .map(|()| StateDir::Dir(dir.to_path_buf()))
                 .map_err(|e| {
-                    StateError(format!(
-                        "--state-dir {}: {e}; create it with write access for this user or choose \
-                     another directory",
-                        dir.display()
-                    ))
+                    StateError(format!("--state-dir {}: {e}; {}", dir.display(), fix(&e)))
                 });
         }
         for dir in default_candidates(env) {
@@ -84,8 +80,13 @@ impl StateDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = TokenKey::random()
                     .map_err(|e| StateError(format!("the system random generator failed: {e}")))?;
-                write_private(&path, key.as_bytes())
-                    .map_err(|e| StateError(format!("cannot write {}: {e}", path.display())))?;
+                write_private(&path, key.as_bytes()).map_err(|e| {
+                    StateError(format!(
+                        "cannot write the IMDSv2 token key {}: {e}; {}",
+                        path.display(),
+                        fix(&e)
+                    ))
+                })?;
                 Ok(key)
             }
             Err(e) => Err(StateError(format!("cannot read {}: {e}", path.display()))),
@@ -110,6 +111,24 @@ fn default_candidates(env: &dyn Fn(&str) -> Option<String>) -> Vec<PathBuf> {
     out
 }
 
+/// What the operator can do about `e`, met while preparing or writing in the state directory.
+fn fix(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
+            "free space on the filesystem that holds it, or choose another directory with --state-dir"
+        }
+        ErrorKind::ReadOnlyFilesystem => {
+            "make it writable (a read-only mount?), or choose another directory with --state-dir"
+        }
+        ErrorKind::PermissionDenied => {
+            "give the user imdsd runs as write access to it, or choose another directory with \
+             --state-dir"
+        }
+        _ => "create it with write access for this user or choose another directory",
+    }
+}
+
 /// Creates `dir` (mode 0700) if needed and checks that files can be written in it.
 fn prepare(dir: &Path) -> std::io::Result<()> {
     fs::DirBuilder::new()
@@ -122,19 +141,25 @@ fn prepare(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Writes a file readable only by its owner, atomically (temporary file, then rename), so a crash
-/// never leaves half a key behind.
+/// never leaves half a key behind; a failed write (a full disk) removes the temporary file too.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
-    fs::rename(&tmp, path)
+    let written = (|| {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ mod sts_support;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -407,12 +407,17 @@ async fn a_recycled_address_never_carries_the_previous_containers_role_or_token(
 }
 
 /// A unix-socket proxy in front of the Docker socket that the test can cut and restore, to take
-/// the engine away from the daemon without stopping the machine's Docker.
+/// the engine away from the daemon without stopping the machine's Docker, or cut the event stream
+/// alone in the middle of an event.
 struct SocketProxy {
     path: PathBuf,
     _dir: tempfile::TempDir,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// When set, the next event stream bytes holding this text are cut in the middle of it.
+    cut_at: Arc<Mutex<Option<Vec<u8>>>>,
+    /// Event streams cut that way so far.
+    event_cuts: Arc<AtomicUsize>,
 }
 
 impl SocketProxy {
@@ -423,9 +428,18 @@ impl SocketProxy {
             _dir: dir,
             task: Mutex::new(None),
             connections: Arc::new(Mutex::new(Vec::new())),
+            cut_at: Arc::new(Mutex::new(None)),
+            event_cuts: Arc::new(AtomicUsize::new(0)),
         };
         proxy.restore();
         proxy
+    }
+
+    /// Arms a cut of the event stream: the first event that mentions `text` (a container id, say)
+    /// is passed on up to the middle of `text`, and then the connection is closed, leaving the
+    /// daemon half an event. Other connections (inspects, lists) and new ones are unaffected.
+    fn cut_event_stream_at(&self, text: &str) {
+        *self.cut_at.lock().expect("lock") = Some(text.as_bytes().to_vec());
     }
 
     fn url(&self) -> String {
@@ -437,13 +451,15 @@ impl SocketProxy {
         let _ = std::fs::remove_file(&self.path);
         let listener = tokio::net::UnixListener::bind(&self.path).expect("bind the proxy socket");
         let connections = self.connections.clone();
+        let (cut_at, cuts) = (self.cut_at.clone(), self.event_cuts.clone());
         let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
+                let (cut_at, cuts) = (cut_at.clone(), cuts.clone());
                 let conn = tokio::spawn(async move {
-                    if let Ok(mut engine) =
+                    if let Ok(engine) =
                         tokio::net::UnixStream::connect("/var/run/docker.sock").await
                     {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
+                        pump(client, engine, cut_at, cuts).await;
                     }
                 });
                 connections.lock().expect("lock").push(conn);
@@ -467,6 +483,70 @@ impl SocketProxy {
 impl Drop for SocketProxy {
     fn drop(&mut self) {
         self.cut();
+    }
+}
+
+/// Copies one connection both ways; on a connection that asked for the event stream, cuts it as
+/// [`SocketProxy::cut_event_stream_at`] says. Returning drops both sockets.
+async fn pump(
+    client: tokio::net::UnixStream,
+    engine: tokio::net::UnixStream,
+    cut_at: Arc<Mutex<Option<Vec<u8>>>>,
+    cuts: Arc<AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_engine, mut to_engine) = engine.into_split();
+    let events = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asks_for_events = events.clone();
+    let up = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = from_client.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            if buf[..n].windows(8).any(|w| w == b"/events?") {
+                asks_for_events.store(true, Ordering::SeqCst);
+            }
+            if to_engine.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to_engine.shutdown().await;
+        // The answer may still be coming: let `down` finish the connection.
+        std::future::pending::<()>().await;
+    };
+    let down = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = from_engine.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+            let mut chunk = &buf[..n];
+            let mut cut = false;
+            if events.load(Ordering::SeqCst) {
+                let mut armed = cut_at.lock().expect("lock");
+                if let Some(text) = armed.as_ref()
+                    && let Some(at) = chunk.windows(text.len()).position(|w| w == text.as_slice())
+                {
+                    chunk = &chunk[..at + text.len() / 2];
+                    *armed = None;
+                    cut = true;
+                }
+            }
+            if to_client.write_all(chunk).await.is_err() {
+                return;
+            }
+            if cut {
+                cuts.fetch_add(1, Ordering::SeqCst);
+                let _ = to_client.flush().await;
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = up => {}
+        () = down => {}
     }
 }
 
@@ -774,4 +854,257 @@ async fn a_container_is_known_by_its_ipv6_address_too() {
         "role-six",
         "its own role over IPv6, not the default"
     );
+}
+
+/// The daemon as a process (for its log and exit), on `net`'s gateway with fake credentials,
+/// following the engine at `docker_host`; returns once it has synced with the engine.
+fn process_daemon(
+    net: &TestNetwork,
+    docker_host: &str,
+    args: &[&str],
+) -> (Process, tempfile::TempDir) {
+    let state = tempfile::tempdir().expect("tempdir");
+    let listen = format!("{}:0", net.gateway);
+    let mut all = vec![
+        "--listen",
+        listen.as_str(),
+        "--state-dir",
+        state.path().to_str().expect("utf8"),
+        "--fake-credentials",
+        "--docker-host",
+        docker_host,
+        "--networks",
+        &net.name,
+    ];
+    all.extend_from_slice(args);
+    let p = Process::spawn(&all, &[]);
+    p.addr();
+    assert!(
+        p.wait_for_log(&["following the Docker Engine"], Duration::from_secs(30))
+            .is_some(),
+        "never synced:\n{}",
+        p.log_text()
+    );
+    (p, state)
+}
+
+/// How many log lines contain `text`.
+fn log_count(p: &Process, text: &str) -> usize {
+    p.log_text().lines().filter(|l| l.contains(text)).count()
+}
+
+/// A metric from the daemon's admin API (blocking, so off the runtime's threads).
+async fn metric_of(p: &Process, series: &'static str) -> Option<f64> {
+    let admin = p.admin_addr().expect("admin API");
+    tokio::task::spawn_blocking(move || common::metric(admin, series))
+        .await
+        .expect("join")
+}
+
+/// Asserts the daemon still runs and never panicked.
+fn assert_alive(p: &mut Process) {
+    assert_eq!(p.child.try_wait().expect("wait"), None, "the daemon exited");
+    assert!(!p.log_text().contains("panicked"), "{}", p.log_text());
+}
+
+/// The event stream breaks in the middle of the event that says A died, and the new container
+/// that takes A's address the next moment starts while the daemon is reconnecting: it is never
+/// given A's role; the break is logged and counted, the daemon resyncs on its own, and then
+/// serves it its own role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_stream_cut_in_the_middle_of_an_event_never_hands_out_the_previous_role() {
+    docker::require_docker();
+    let net = TestNetwork::create("midevent");
+    let proxy = SocketProxy::start();
+    let (mut d, _state) = process_daemon(&net, &proxy.url(), &["--default-role", "fallback"]);
+    let endpoint = format!("http://{}", d.addr());
+    let ip = net.host(40);
+    let a = TestContainer::run(
+        &RunOpts::new(&net, "a")
+            .ip(ip)
+            .env("IAM_ROLE", "role-a")
+            .args(probe_args(
+                &endpoint,
+                &["--retry-for", "30", "--hold", "300"],
+            )),
+    );
+    eventually(Duration::from_secs(30), "A's first probe", || {
+        a.logs().contains("\"role\"")
+    })
+    .await;
+    assert_eq!(probe_output(&a.logs())["role"], "role-a");
+    let restarts_before = metric_of(&d, "imdsd_docker_watcher_restarts_total")
+        .await
+        .expect("metric");
+
+    // A dies; the daemon gets half of the event that says so, then the stream breaks.
+    proxy.cut_event_stream_at(&a.id);
+    a.rm();
+    // B takes A's address at once and asks (retrying) while the watcher reconnects.
+    let b = TestContainer::run(
+        &RunOpts::new(&net, "b")
+            .ip(ip)
+            .env("IAM_ROLE", "role-b")
+            .args(probe_args(
+                &endpoint,
+                &["--retry-for", "60", "--hold", "300"],
+            )),
+    );
+    eventually(Duration::from_secs(20), "the cut", || {
+        proxy.event_cuts.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    eventually(Duration::from_secs(60), "B's first probe", || {
+        b.logs().contains("\"role\"")
+    })
+    .await;
+    let out = probe_output(&b.logs());
+    assert_eq!(out["role"], "role-b", "{out}\ndaemon:\n{}", d.log_text());
+
+    let line = d
+        .wait_for_log(
+            &["cannot follow the Docker Engine"],
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("the break was not logged:\n{}", d.log_text()));
+    assert!(line.contains("\"level\":\"WARN\""), "{line}");
+    eventually(Duration::from_secs(30), "the resync", || {
+        log_count(&d, "following the Docker Engine") >= 2
+    })
+    .await;
+    let restarts = metric_of(&d, "imdsd_docker_watcher_restarts_total")
+        .await
+        .expect("metric");
+    assert!(restarts > restarts_before, "{restarts} watcher restarts");
+    assert_eq!(
+        metric_of(&d, "imdsd_docker_connected").await,
+        Some(1.0),
+        "reconnected"
+    );
+    let (exit, out) = exec_probe(&b, &endpoint, &[]);
+    assert_eq!((exit, &out["role"]), (0, &Value::from("role-b")), "{out}");
+    // No caller was ever told A's role after A was gone.
+    for line in d.log_text().lines().filter(|l| l.contains("imdsd::access")) {
+        let v: Value = serde_json::from_str(line).expect("json log line");
+        if v["container_id"] == b.id[..12] {
+            assert_ne!(v["role"], "arn:aws:iam::123456789012:role/role-a", "{line}");
+        }
+    }
+    assert_alive(&mut d);
+}
+
+/// The engine goes away. Meanwhile a container is replaced by a new one under the same name with
+/// another role, a dead container's address goes to a new container with another role, and a
+/// third container restarts. While the daemon is blind none of them is given a role that is not
+/// its own; it says so in its log, its metrics and `/readyz`; when the engine is back it resyncs
+/// by itself and each gets its own role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn containers_replaced_while_the_engine_is_away_each_get_their_own_role_when_it_is_back() {
+    docker::require_docker();
+    let net = TestNetwork::create("away");
+    let proxy = SocketProxy::start();
+    let (mut d, _state) = process_daemon(&net, &proxy.url(), &["--default-role", "fallback"]);
+    let endpoint = format!("http://{}", d.addr());
+    let hold = probe_args(&endpoint, &["--retry-for", "30", "--hold", "300"]);
+    let a = TestContainer::run(
+        &RunOpts::new(&net, "a")
+            .ip(net.host(31))
+            .env("IAM_ROLE", "role-a")
+            .args(hold.clone()),
+    );
+    let b = TestContainer::run(
+        &RunOpts::new(&net, "b")
+            .ip(net.host(32))
+            .env("IAM_ROLE", "role-b")
+            .args(hold.clone()),
+    );
+    let e = TestContainer::run(
+        &RunOpts::new(&net, "e")
+            .ip(net.host(33))
+            .env("IAM_ROLE", "role-e")
+            .args(hold.clone()),
+    );
+    for (c, role) in [(&a, "role-a"), (&b, "role-b"), (&e, "role-e")] {
+        eventually(Duration::from_secs(30), "the first probes", || {
+            c.logs().contains("\"role\"")
+        })
+        .await;
+        assert_eq!(probe_output(&c.logs())["role"], role, "{}", c.name);
+    }
+    let admin = d.admin_addr().expect("admin API");
+
+    // The engine is gone.
+    proxy.cut();
+    let line = tokio::task::block_in_place(|| {
+        d.wait_for_log(
+            &["cannot follow the Docker Engine"],
+            Duration::from_secs(20),
+        )
+    })
+    .unwrap_or_else(|| panic!("the loss was not logged:\n{}", d.log_text()));
+    assert!(line.contains("\"level\":\"WARN\""), "{line}");
+    assert_eq!(metric_of(&d, "imdsd_docker_connected").await, Some(0.0));
+    assert_eq!(metric_of(&d, "imdsd_docker_index_synced").await, Some(0.0));
+    let ready = tokio::task::spawn_blocking(move || common::raw(admin, "GET", "/readyz", &[]))
+        .await
+        .expect("join");
+    assert_eq!(ready.status, 503, "{ready:?}");
+    assert!(ready.text().contains("Docker Engine"), "{ready:?}");
+
+    // Meanwhile: A is replaced under its own name by A2 with another role and address; B's
+    // address goes to C; E restarts.
+    let a_name = a.name.clone();
+    a.rm();
+    let a2 = TestContainer::run(
+        &RunOpts::new(&net, "a2")
+            .named_exactly(&a_name)
+            .ip(net.host(34))
+            .env("IAM_ROLE", "role-a2")
+            .args(probe_args(&endpoint, &["--hold", "300"])),
+    );
+    b.rm();
+    let c = TestContainer::run(
+        &RunOpts::new(&net, "c")
+            .ip(net.host(32))
+            .env("IAM_ROLE", "role-c")
+            .args(probe_args(&endpoint, &["--hold", "300"])),
+    );
+    e.restart();
+    // Blind, the daemon gives none of them a role that is not theirs (at most an error).
+    for (who, wrong) in [(&a2, "role-a"), (&c, "role-b")] {
+        let (_, out) = exec_probe(who, &endpoint, &[]);
+        assert_ne!(out["role"], wrong, "{}: {out}", who.name);
+        assert_ne!(out["role"], "fallback", "{}: {out}", who.name);
+    }
+
+    // Back.
+    proxy.restore();
+    eventually(Duration::from_secs(30), "the resync", || {
+        log_count(&d, "following the Docker Engine") >= 2
+    })
+    .await;
+    assert_eq!(metric_of(&d, "imdsd_docker_connected").await, Some(1.0));
+    assert_eq!(metric_of(&d, "imdsd_docker_index_synced").await, Some(1.0));
+    assert!(
+        metric_of(&d, "imdsd_docker_watcher_restarts_total")
+            .await
+            .expect("metric")
+            >= 1.0
+    );
+    for (who, role) in [(&a2, "role-a2"), (&c, "role-c"), (&e, "role-e")] {
+        // Retrying only errors (an SDK's one-second timeout on a busy machine), never a role.
+        let (exit, out) = exec_probe(who, &endpoint, &["--retry-for", "20"]);
+        assert_eq!(
+            (exit, &out["role"]),
+            (0, &Value::from(role)),
+            "{}: {out}\ndaemon:\n{}",
+            who.name,
+            d.log_text()
+        );
+    }
+    let ready = tokio::task::spawn_blocking(move || common::raw(admin, "GET", "/readyz", &[]))
+        .await
+        .expect("join");
+    assert_eq!(ready.status, 200, "{ready:?}");
+    assert_alive(&mut d);
 }

@@ -66,20 +66,11 @@ async fn forward(u: &Upstream, path: &str) -> Forwarded {
 
 /// A sample of the upstream's Prometheus metrics; the series must be there.
 async fn metric(admin: SocketAddr, series: &str) -> f64 {
-    let r = tokio::task::spawn_blocking(move || raw(admin, "GET", "/metrics", &[]))
+    let name = series.to_string();
+    tokio::task::spawn_blocking(move || common::metric(admin, &name))
         .await
-        .expect("metrics request");
-    assert_eq!(r.status, 200, "{r:?}");
-    let text = r.text();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no {series} in the metrics:\n{text}"))
+        .expect("metrics request")
+        .unwrap_or_else(|| panic!("no {series} in the metrics"))
 }
 
 fn assert_same(path: &str, forwarded: &Forwarded, direct: &RawResponse) {
@@ -656,4 +647,203 @@ fn what_callers_may_read() {
     })
     .expect_err("https");
     assert!(err.contains("http://"), "{err}");
+}
+
+/// What [`FaultyUpstream`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upkeep {
+    /// Answers like a metadata service (the recorder's default script).
+    Healthy,
+    /// Nothing listens: connections are refused.
+    Down,
+    /// Accepts connections and never answers.
+    Silent,
+    /// Answers with bytes that are not HTTP.
+    Garbage,
+    /// Promises a body it does not send, then closes.
+    Truncated,
+    /// Refuses the daemon's session (401), and answers the token request with bytes that are
+    /// no token.
+    GarbledToken,
+}
+
+/// An upstream metadata service that can be switched between healthy and broken while the
+/// daemon runs, always on the same port.
+struct FaultyUpstream {
+    addr: SocketAddr,
+    mode: Arc<Mutex<Upkeep>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl FaultyUpstream {
+    async fn start() -> FaultyUpstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let up = FaultyUpstream {
+            addr: listener.local_addr().expect("addr"),
+            mode: Arc::new(Mutex::new(Upkeep::Healthy)),
+            task: Mutex::new(None),
+        };
+        up.serve(listener);
+        up
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let mode = self.mode.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mode = *mode.lock().expect("lock");
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&buf).into_owned();
+                    let answer: Vec<u8> = match mode {
+                        Upkeep::Healthy | Upkeep::Down => answer(&Script::default(), &head),
+                        Upkeep::Silent => {
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                            return;
+                        }
+                        Upkeep::Garbage => b"\x16\x03\x01\x02\x00garbage, not HTTP\r\n\r\n".to_vec(),
+                        Upkeep::Truncated => b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\
+                              Content-Length: 1000\r\n\r\npartial"
+                            .to_vec(),
+                        Upkeep::GarbledToken if head.starts_with("PUT ") => {
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\n\x00\x01\x02tok\x7fn"
+                                .to_vec()
+                        }
+                        Upkeep::GarbledToken => {
+                            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                                .to_vec()
+                        }
+                    };
+                    let _ = stream.write_all(&answer).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        *self.task.lock().expect("lock") = Some(task);
+    }
+
+    async fn set(&self, mode: Upkeep) {
+        let was = std::mem::replace(&mut *self.mode.lock().expect("lock"), mode);
+        if mode == Upkeep::Down {
+            if let Some(task) = self.task.lock().expect("lock").take() {
+                task.abort();
+            }
+            // Aborting drops the listener once the task is gone.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        } else if was == Upkeep::Down {
+            let listener = tokio::net::TcpListener::bind(self.addr)
+                .await
+                .expect("listen again on the same port");
+            self.serve(listener);
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for FaultyUpstream {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.lock().expect("lock").take() {
+            task.abort();
+        }
+    }
+}
+
+/// Proxy mode with the upstream down, silent past the timeout, answering bytes that are not
+/// HTTP, cutting its answer short, or refusing the session and garbling the new token: callers
+/// get a 502 (504 for silence) and never the broken bytes, their own role's credentials keep
+/// coming from imdsd, each failure is logged and counted by status, and the next request after
+/// the upstream heals is forwarded again.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_down_silent_or_garbled_is_a_bounded_5xx_and_recovers() {
+    let up = FaultyUpstream::start().await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let upstream_url = up.url();
+    let args = [
+        "--mode",
+        "proxy",
+        "--upstream",
+        upstream_url.as_str(),
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        state.path().to_str().expect("utf8"),
+        "--fake-credentials",
+        "app",
+    ];
+    let mut d = Process::spawn(&args, &[]);
+    let addr = d.addr();
+    let admin = d.admin_addr().expect("admin API");
+    let get = |path: &'static str| tokio::task::spawn_blocking(move || raw(addr, "GET", path, &[]));
+    let forwarded = "/latest/meta-data/instance-id";
+    let credentials = "/latest/meta-data/iam/security-credentials/app";
+    let healthy = get(forwarded).await.expect("join");
+    assert_eq!(
+        (healthy.status, healthy.text().as_str()),
+        (200, "hello from upstream")
+    );
+
+    for (fault, status, logged) in [
+        (Upkeep::Down, 502, "Connection refused"),
+        (Upkeep::Silent, 504, "did not answer in time"),
+        (Upkeep::Garbage, 502, "invalid HTTP"),
+        (Upkeep::Truncated, 502, "reading the answer failed"),
+        (Upkeep::GarbledToken, 502, "unusable IMDSv2 token"),
+    ] {
+        let series = format!("imdsd_requests_total{{route=\"metadata\",status=\"{status}\"}}");
+        let counted = |series: String| {
+            tokio::task::spawn_blocking(move || common::metric(admin, &series).unwrap_or(0.0))
+        };
+        let before = counted(series.clone()).await.expect("join");
+        up.set(fault).await;
+        let started = Instant::now();
+        let r = get(forwarded).await.expect("join");
+        assert_eq!(r.status, status, "{fault:?}: {r:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{fault:?}: bounded by the 2 s timeout, took {:?}",
+            started.elapsed()
+        );
+        for broken in ["garbage", "partial", "hello from upstream"] {
+            assert!(!r.text().contains(broken), "{fault:?}: {r:?}");
+        }
+        // The role is imdsd's to serve, upstream or not.
+        let c = get(credentials).await.expect("join");
+        assert_eq!(c.status, 200, "{fault:?}: {c:?}");
+        assert!(c.text().contains("\"Success\""), "{fault:?}: {c:?}");
+        let line = tokio::task::block_in_place(|| {
+            d.wait_for_log(
+                &["cannot forward to the upstream metadata service", logged],
+                Duration::from_secs(10),
+            )
+        })
+        .unwrap_or_else(|| panic!("{fault:?} not logged:\n{}", d.log_text()));
+        assert!(line.contains("\"level\":\"WARN\""), "{line}");
+        assert!(
+            counted(series.clone()).await.expect("join") > before,
+            "{fault:?}: {series} not counted"
+        );
+
+        up.set(Upkeep::Healthy).await;
+        let back = get(forwarded).await.expect("join");
+        assert_eq!(
+            (back.status, back.text().as_str()),
+            (200, "hello from upstream"),
+            "{fault:?}: no recovery:\n{}",
+            d.log_text()
+        );
+    }
+    assert_eq!(d.child.try_wait().expect("wait"), None, "the daemon exited");
+    assert!(!d.log_text().contains("panicked"), "{}", d.log_text());
 }

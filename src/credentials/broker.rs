@@ -15,6 +15,10 @@
 //!   backoff. Errors are remembered briefly, so a broken role cannot make every request call STS.
 //! - **Bounded.** Unpinned entries idle for `idle_ttl` are dropped; above `max_entries` the least
 //!   recently used unpinned entry goes. A [`Lease`] pins an entry (a running container holds one).
+//! - **Polite to the source.** Every source call first passes the [`Limiter`] (rate, burst and
+//!   calls in flight). A fetch started for a waiting caller has caller priority; prefetch, refresh
+//!   and retries are background, and a background fetch that a caller joins is promoted. The
+//!   cached path never touches the limiter.
 //!
 //! No lock is held across an await: entry state sits behind a `std::sync::Mutex` taken for a few
 //! field updates, and the served credentials are read lock-free through `ArcSwapOption`.
@@ -32,6 +36,7 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
+use super::limiter::{Limiter, LimiterOptions, LimiterSnapshot, Priority, Ticket};
 use super::{AssumeRequest, CredentialSource, Credentials, SourceError};
 use crate::clock::SharedClock;
 
@@ -58,6 +63,9 @@ pub struct BrokerConfig {
     pub idle_ttl: Duration,
     /// The most entries kept; beyond it the least recently used unpinned entry is dropped.
     pub max_entries: usize,
+    /// How many source calls may be made, and how fast; `None` for no limit (a source that makes
+    /// no network calls, such as the fake one).
+    pub limiter: Option<LimiterOptions>,
 }
 
 impl Default for BrokerConfig {
@@ -73,6 +81,7 @@ impl Default for BrokerConfig {
             fetch_wait: Duration::from_secs(5),
             idle_ttl: Duration::from_secs(3600),
             max_entries: 10_000,
+            limiter: Some(LimiterOptions::default()),
         }
     }
 }
@@ -246,6 +255,8 @@ impl std::fmt::Debug for EntryHandle {
 #[derive(Default)]
 struct EntryState {
     inflight: Option<SharedFetch>,
+    /// The limiter ticket of the fetch in flight, to promote it when a caller joins.
+    ticket: Option<Ticket>,
     last_error: Option<(Instant, FetchError)>,
     failures: u32,
     /// After a failure: the earliest time a background retry may start (backoff decided once).
@@ -266,6 +277,7 @@ struct Inner {
     config: BrokerConfig,
     entries: RwLock<HashMap<Arc<AssumeRequest>, Arc<Entry>>>,
     stats: BrokerStats,
+    limiter: Option<Limiter>,
 }
 
 /// Cheap to clone; all clones share one cache.
@@ -316,12 +328,14 @@ impl Broker {
         clock: SharedClock,
         config: BrokerConfig,
     ) -> Self {
+        let limiter = config.limiter.map(Limiter::new);
         let inner = Arc::new(Inner {
             source,
             clock,
             config,
             entries: RwLock::new(HashMap::new()),
             stats: BrokerStats::default(),
+            limiter,
         });
         tokio::spawn(janitor(Arc::downgrade(&inner)));
         Broker { inner }
@@ -420,7 +434,7 @@ impl Broker {
         let inflight = {
             let state = entry.lock();
             if let Some(fetch) = &state.inflight {
-                Some(fetch.clone())
+                Some((fetch.clone(), state.ticket.clone()))
             } else if let Some((at, err)) = &state.last_error
                 && at.elapsed() < inner.error_ttl(&err.error)
             {
@@ -432,8 +446,12 @@ impl Broker {
         };
         inner.stats.misses.fetch_add(1, Ordering::Relaxed);
         Err(match inflight {
-            Some(fetch) => fetch,
-            None => inner.start_fetch(entry),
+            Some((fetch, ticket)) => {
+                // A caller now waits for what may have started as a background fetch.
+                inner.promote(ticket.as_ref());
+                fetch
+            }
+            None => inner.start_fetch(entry, Priority::Caller),
         })
     }
 
@@ -468,7 +486,7 @@ impl Broker {
                 .is_some_and(|(at, e)| at.elapsed() < self.inner.error_ttl(&e.error));
             if state.inflight.is_none() && !recent_error {
                 drop(state);
-                drop(self.inner.start_fetch(&entry));
+                drop(self.inner.start_fetch(&entry, Priority::Background));
             }
         }
     }
@@ -508,6 +526,11 @@ impl Broker {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// What the source-call limiter is doing, if there is one.
+    pub fn limiter(&self) -> Option<LimiterSnapshot> {
+        self.inner.limiter.as_ref().map(Limiter::snapshot)
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -583,16 +606,31 @@ impl Inner {
         }
     }
 
-    /// Starts a fetch for `entry` unless one is running; returns a handle to it either way.
-    fn start_fetch(self: &Arc<Self>, entry: &Arc<Entry>) -> SharedFetch {
+    /// Lets a queued fetch go before background ones: a caller waits for it.
+    fn promote(&self, ticket: Option<&Ticket>) {
+        if let (Some(limiter), Some(ticket)) = (&self.limiter, ticket) {
+            limiter.promote(ticket);
+        }
+    }
+
+    /// Starts a fetch for `entry` unless one is running; returns a handle to it either way. A
+    /// running one is promoted if `priority` says a caller waits.
+    fn start_fetch(self: &Arc<Self>, entry: &Arc<Entry>, priority: Priority) -> SharedFetch {
         let mut state = entry.lock();
         if let Some(fetch) = &state.inflight {
-            return fetch.clone();
+            let (fetch, ticket) = (fetch.clone(), state.ticket.clone());
+            drop(state);
+            if priority == Priority::Caller {
+                self.promote(ticket.as_ref());
+            }
+            return fetch;
         }
+        let ticket = self.limiter.as_ref().map(|_| Ticket::new(priority));
+        state.ticket.clone_from(&ticket);
         let inner = self.clone();
         let task_entry = entry.clone();
         // The lock is held until `inflight` is set, so the task cannot clear it first.
-        let task = tokio::spawn(async move { inner.fetch_once(&task_entry).await });
+        let task = tokio::spawn(async move { inner.fetch_once(&task_entry, ticket).await });
         let clock = self.clock.clone();
         let fetch = async move {
             task.await.unwrap_or_else(|e| {
@@ -618,19 +656,37 @@ impl Inner {
             return;
         }
         drop(state);
-        drop(self.start_fetch(entry));
+        drop(self.start_fetch(entry, Priority::Background));
     }
 
-    async fn fetch_once(&self, entry: &Arc<Entry>) -> Result<Arc<Served>, FetchError> {
+    async fn fetch_once(
+        &self,
+        entry: &Arc<Entry>,
+        ticket: Option<Ticket>,
+    ) -> Result<Arc<Served>, FetchError> {
+        let permit = match (&self.limiter, ticket) {
+            (Some(limiter), Some(ticket)) => Some(limiter.acquire(ticket).await),
+            _ => None,
+        };
         self.stats.source_calls.fetch_add(1, Ordering::Relaxed);
         let result = self.source.assume(&entry.key).await;
+        drop(permit);
         let now = self.clock.now();
+        let result = result.and_then(|credentials| match credentials.unusable(now) {
+            None => Ok(credentials),
+            Some(why) => Err(SourceError::Unavailable(format!(
+                "{} answered for {} without usable credentials ({why})",
+                self.source.kind(),
+                entry.key.role_arn
+            ))),
+        });
         let outcome = match result {
             Ok(credentials) => {
                 let served = Arc::new(self.served(credentials, now, &entry.key));
                 entry.current.store(Some(served.clone()));
                 let mut state = entry.lock();
                 state.inflight = None;
+                state.ticket = None;
                 state.last_error = None;
                 state.failures = 0;
                 state.retry_at = None;
@@ -641,6 +697,7 @@ impl Inner {
                 let failure = FetchError { error, at: now };
                 let mut state = entry.lock();
                 state.inflight = None;
+                state.ticket = None;
                 state.failures = state.failures.saturating_add(1);
                 state.last_error = Some((Instant::now(), failure.clone()));
                 state.retry_at = Some(Instant::now() + self.backoff(state.failures));
@@ -748,7 +805,7 @@ async fn refresher(inner: Weak<Inner>, entry: Weak<Entry>) {
                         let Some(inner) = inner.upgrade() else { return };
                         // Re-check: a request may have refreshed in the meantime.
                         if inner.next_action(entry_ref).is_some_and(|d| d.is_zero()) {
-                            let fetch = inner.start_fetch(entry_ref);
+                            let fetch = inner.start_fetch(entry_ref, Priority::Background);
                             drop(inner);
                             let _ = fetch.await;
                         }
@@ -825,6 +882,9 @@ mod tests {
         calls: AtomicU64,
         failing: AtomicBool,
         denied: AtomicBool,
+        /// Answer "success" with empty fields and the Unix epoch, as an SDK does for a cut-off
+        /// answer.
+        empty: AtomicBool,
         seen: StdMutex<Vec<AssumeRequest>>,
     }
 
@@ -837,6 +897,7 @@ mod tests {
                 calls: AtomicU64::new(0),
                 failing: AtomicBool::new(false),
                 denied: AtomicBool::new(false),
+                empty: AtomicBool::new(false),
                 seen: StdMutex::new(Vec::new()),
             })
         }
@@ -862,6 +923,15 @@ mod tests {
                 }
                 if self.failing.load(Ordering::SeqCst) {
                     return Err(SourceError::Unavailable("sts is down".into()));
+                }
+                if self.empty.load(Ordering::SeqCst) {
+                    return Ok(Credentials {
+                        access_key_id: String::new(),
+                        secret_access_key: Secret::new(""),
+                        session_token: Secret::new(""),
+                        expiration: SystemTime::UNIX_EPOCH,
+                        assumed_role_arn: None,
+                    });
                 }
                 Ok(Credentials {
                     access_key_id: format!("ASIA{n:016}"),
@@ -1036,6 +1106,31 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_success_without_usable_credentials_is_a_failure_and_never_served() {
+        let (broker, source, _) = setup(Duration::from_secs(3600));
+        let k = key("s");
+        let good = broker.get(&k).await.expect("ok");
+        source.empty.store(true, Ordering::SeqCst);
+        let cold = key("cold");
+        let err = broker.get(&cold).await.expect_err("nothing usable");
+        assert!(!err.error.is_permanent(), "{err:?}");
+        assert!(
+            err.to_string().contains("without usable credentials"),
+            "{err}"
+        );
+        assert!(broker.peek(&cold).is_none());
+        assert_eq!(broker.stats().source_errors, 1);
+        // What was cached stays what is served.
+        let still = broker.get(&k).await.expect("cached");
+        assert!(Arc::ptr_eq(&good, &still));
+        source.empty.store(false, Ordering::SeqCst);
+        tokio::time::advance(BrokerConfig::default().unavailable_ttl + Duration::from_secs(1))
+            .await;
+        let fresh = broker.get(&cold).await.expect("recovered");
+        assert!(!fresh.credentials.access_key_id.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn refusals_are_remembered_briefly() {
         let (broker, source, _) = setup(Duration::from_secs(3600));
         source.denied.store(true, Ordering::SeqCst);
@@ -1199,6 +1294,73 @@ mod tests {
         let cached = broker.get_via(&handle, broker.now()).await.expect("ok");
         assert!(Arc::ptr_eq(&cached, &after));
         assert_eq!(source.calls(), 4);
+    }
+
+    /// Twenty roles are being prefetched at two calls a burst and ten a second when two callers
+    /// arrive: one for a role nobody fetches yet, one for a role whose prefetch is still queued.
+    /// Both calls go before the background ones queued earlier.
+    #[tokio::test(start_paused = true)]
+    async fn callers_are_served_before_queued_prefetches_including_one_they_join() {
+        let clock: SharedClock = Arc::new(TokioClock::starting_at(SystemTime::UNIX_EPOCH));
+        let source = Scripted::new(clock.clone(), Duration::from_secs(3600));
+        let broker = Broker::new(
+            source.clone(),
+            clock,
+            BrokerConfig {
+                limiter: Some(LimiterOptions {
+                    rate: 10.0,
+                    burst: 2,
+                    concurrency: 2,
+                }),
+                ..BrokerConfig::default()
+            },
+        );
+        let keys: Vec<_> = (0..20).map(|i| key(&format!("bg{i}"))).collect();
+        for k in &keys {
+            broker.prefetch(k);
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let queued = broker.limiter().expect("limited");
+        assert_eq!(queued.waiting_background, 18, "{queued:?}");
+
+        let fresh = key("caller");
+        let (mine, joined) = futures::join!(broker.get(&fresh), broker.get(&keys[15]));
+        let (mine, joined) = (mine.expect("ok"), joined.expect("ok"));
+        assert_ne!(
+            mine.credentials.access_key_id,
+            joined.credentials.access_key_id
+        );
+        let after = broker.limiter().expect("limited");
+        assert_eq!(after.admitted_caller, 2, "{after:?}");
+
+        // The rest follow in the background, each once; then the cache answers without the limiter.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(source.calls(), 21);
+        let order: Vec<String> = source
+            .seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|r| r.session_name.clone())
+            .collect();
+        let at = |name: &str| order.iter().position(|s| s == name).expect(name);
+        assert_eq!(at("bg0").max(at("bg1")), 1, "{order:?}");
+        assert_eq!(at("caller").max(at("bg15")), 3, "{order:?}");
+        for k in &keys {
+            broker.get(k).await.expect("cached");
+        }
+        let done = broker.limiter().expect("limited");
+        assert_eq!(
+            done.admitted_caller + done.admitted_background,
+            21,
+            "{done:?}"
+        );
+        assert_eq!(
+            (done.waiting_caller, done.waiting_background, done.in_flight),
+            (0, 0, 0)
+        );
     }
 
     #[tokio::test(start_paused = true)]

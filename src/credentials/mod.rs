@@ -1,12 +1,14 @@
 //! Role credentials: what is asked for ([`AssumeRequest`], the cache key), what comes back
 //! ([`Credentials`]), where it comes from ([`CredentialSource`]: STS, or the offline fake), and the
-//! [`broker::Broker`] that caches, shares and refreshes it.
+//! [`broker::Broker`] that caches, shares and refreshes it, calling the source no faster than the
+//! [`limiter::Limiter`] allows.
 //!
 //! Secrets never leave this module in a form that prints: [`Secret`] redacts itself in `Debug` and
 //! `Display`, and the only way to read one is [`Secret::expose`].
 
 pub mod broker;
 pub mod fake;
+pub mod limiter;
 pub mod observed;
 pub mod sts;
 
@@ -102,6 +104,34 @@ impl Credentials {
     }
 }
 
+impl Credentials {
+    /// Why these credentials cannot be handed to anyone, if they cannot: a field is empty, or
+    /// they have expired by `now`. A source that answers "success" with such credentials (an
+    /// SDK fills missing fields of a truncated answer with empty strings and the Unix epoch)
+    /// has failed; serving them would give callers a `Code: Success` document that works nowhere.
+    pub fn unusable(&self, now: SystemTime) -> Option<String> {
+        let mut missing = Vec::new();
+        if self.access_key_id.is_empty() {
+            missing.push("access key id");
+        }
+        if self.secret_access_key.expose().is_empty() {
+            missing.push("secret access key");
+        }
+        if self.session_token.expose().is_empty() {
+            missing.push("session token");
+        }
+        if !missing.is_empty() {
+            return Some(format!("no {}", missing.join(", no ")));
+        }
+        (self.expiration <= now).then(|| {
+            format!(
+                "they expired at {}",
+                crate::clock::format_iso8601(self.expiration)
+            )
+        })
+    }
+}
+
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credentials")
@@ -151,6 +181,36 @@ pub trait CredentialSource: Send + Sync + fmt::Debug {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_with_an_empty_field_or_past_their_expiry_are_unusable() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let good = Credentials {
+            access_key_id: "ASIAEXAMPLEKEY123456".into(),
+            secret_access_key: Secret::new("secret"),
+            session_token: Secret::new("token"),
+            expiration: now + Duration::from_secs(3600),
+            assumed_role_arn: None,
+        };
+        assert_eq!(good.unusable(now), None);
+        let empty = Credentials {
+            access_key_id: String::new(),
+            session_token: Secret::new(""),
+            ..good.clone()
+        };
+        assert_eq!(
+            empty.unusable(now).as_deref(),
+            Some("no access key id, no session token")
+        );
+        let expired = Credentials {
+            expiration: SystemTime::UNIX_EPOCH,
+            ..good
+        };
+        assert_eq!(
+            expired.unusable(now).as_deref(),
+            Some("they expired at 1970-01-01T00:00:00Z")
+        );
+    }
 
     #[test]
     fn debug_output_never_contains_secrets() {

@@ -24,6 +24,7 @@ use aws_config::provider_config::ProviderConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_credential_types::provider::{ProvideCredentials as _, error::CredentialsError};
 use aws_sdk_sts::config::Region;
+use aws_sdk_sts::config::http::HttpResponse;
 use aws_sdk_sts::error::{DisplayErrorContext, ProvideErrorMetadata as _, SdkError};
 use aws_sdk_sts::types::{PolicyDescriptorType, Tag};
 use futures::FutureExt as _;
@@ -262,13 +263,22 @@ impl CredentialSource for StsSource {
             let expiration = SystemTime::try_from(*creds.expiration()).map_err(|e| {
                 SourceError::Unavailable(format!("STS returned an unusable expiration: {e}"))
             })?;
-            Ok(Credentials {
+            let credentials = Credentials {
                 access_key_id: creds.access_key_id().to_string(),
                 secret_access_key: Secret::new(creds.secret_access_key()),
                 session_token: Secret::new(creds.session_token()),
                 expiration,
                 assumed_role_arn: output.assumed_role_user().map(|u| u.arn().to_string()),
-            })
+            };
+            // The SDK fills the required fields of a cut-off or malformed answer with empty
+            // strings and the Unix epoch rather than failing: that is a failed call.
+            match credentials.unusable(SystemTime::now()) {
+                None => Ok(credentials),
+                Some(why) => Err(SourceError::Unavailable(format!(
+                    "STS answered AssumeRole for {} without usable credentials ({why})",
+                    request.role_arn
+                ))),
+            }
         }
         .boxed()
     }
@@ -282,19 +292,35 @@ impl CredentialSource for StsSource {
     }
 }
 
-/// Splits STS failures into "retry later" and "this will not work".
-fn classify<E, R>(error: &SdkError<E, R>, request: &AssumeRequest) -> SourceError
+/// Splits STS failures into "retry later" and "this will not work". Only an error STS itself
+/// states (a 4xx with an error code) is a refusal: a 5xx or 429, or an answer with no error code
+/// that can be read (an HTML page from a proxy, a cut-off or garbled body), is a failure to reach
+/// STS and worth retrying.
+fn classify<E>(error: &SdkError<E, HttpResponse>, request: &AssumeRequest) -> SourceError
 where
     E: aws_sdk_sts::error::ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     let role = &request.role_arn;
     match error {
         SdkError::ServiceError(se) => {
-            let code = se.err().code().unwrap_or("Unknown");
+            let status = se.raw().status().as_u16();
+            let Some(code) = se.err().code() else {
+                // Never the SDK's full error context here: it shows the raw answer, and a
+                // garbled 200 may hold a secret key.
+                let what = if status < 400 {
+                    "an answer that is not an AssumeRole response".to_string()
+                } else {
+                    format!("an error that is not STS's ({})", chain(se.err()))
+                };
+                return SourceError::Unavailable(format!(
+                    "STS answered HTTP {status} with {what} for {role}"
+                ));
+            };
             let message = se.err().message().unwrap_or("no message");
-            if is_transient(code) {
-                SourceError::Unavailable(format!("STS answered {code} for {role}: {message}"))
+            if is_transient(code) || status >= 500 || status == 429 {
+                SourceError::Unavailable(format!(
+                    "STS answered {code} (HTTP {status}) for {role}: {message}"
+                ))
             } else {
                 SourceError::Denied {
                     // EC2 reports a role it may not assume with this code; SDKs print it.
@@ -313,11 +339,32 @@ where
         SdkError::TimeoutError(_) => {
             SourceError::Unavailable(format!("STS timed out assuming {role}"))
         }
+        SdkError::ResponseError(e) => SourceError::Unavailable(format!(
+            "STS answered HTTP {} with something that could not be read for {role}",
+            e.raw().status().as_u16()
+        )),
+        SdkError::DispatchFailure(e) => SourceError::Unavailable(format!(
+            "cannot reach STS to assume {role}: {}",
+            e.as_connector_error()
+                .map_or_else(|| "dispatch failure".to_string(), |c| chain(c))
+        )),
         other => SourceError::Unavailable(format!(
             "cannot assume {role}: {}",
             DisplayErrorContext(other)
         )),
     }
+}
+
+/// An error and its sources, as `a: b: c`, without any `Debug` output.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
 }
 
 fn is_transient(code: &str) -> bool {
@@ -367,6 +414,8 @@ fn describe_missing_identity(error: &CredentialsError, options: &StsOptions) -> 
 
 #[cfg(test)]
 mod tests {
+    use aws_sdk_sts::operation::assume_role::AssumeRoleError;
+
     use super::*;
 
     #[test]
@@ -386,6 +435,48 @@ mod tests {
             "RegionDisabledException",
         ] {
             assert!(!is_transient(code), "{code}");
+        }
+    }
+
+    fn answered(status: u16, code: Option<&str>) -> SdkError<AssumeRoleError, HttpResponse> {
+        let mut meta = aws_smithy_types::error::ErrorMetadata::builder();
+        if let Some(code) = code {
+            meta = meta.code(code).message("scripted");
+        }
+        let raw = HttpResponse::new(
+            status.try_into().expect("status"),
+            aws_smithy_types::body::SdkBody::from("<Secret>wJalrXUtnFEMI</Secret>"),
+        );
+        SdkError::service_error(AssumeRoleError::generic(meta.build()), raw)
+    }
+
+    #[test]
+    fn only_an_error_sts_states_is_a_refusal() {
+        let request = AssumeRequest::new(
+            crate::identity::role::RoleArn::parse("arn:aws:iam::123456789012:role/app")
+                .expect("arn"),
+            "s",
+        );
+        for (status, code) in [(400, "AccessDenied"), (400, "ValidationError")] {
+            let e = classify(&answered(status, Some(code)), &request);
+            assert!(e.is_permanent(), "{status} {code}: {e}");
+        }
+        for (status, code) in [
+            (400, Some("Throttling")),
+            (500, Some("SomethingNew")),
+            (503, None),
+            (429, Some("SlowDown")),
+            (502, None),
+            (200, None),
+            (403, None),
+        ] {
+            let e = classify(&answered(status, code), &request);
+            assert!(!e.is_permanent(), "{status} {code:?}: {e}");
+            assert!(e.to_string().contains(&format!("HTTP {status}")), "{e}");
+            assert!(
+                !e.to_string().contains("wJalr"),
+                "the raw answer is not shown: {e}"
+            );
         }
     }
 }

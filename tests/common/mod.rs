@@ -457,6 +457,43 @@ impl Process {
     }
 }
 
+impl Process {
+    /// Waits up to `timeout` for a log line containing every one of `needles`; returns it.
+    pub fn wait_for_log(&self, needles: &[&str], timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self
+                .log
+                .lock()
+                .expect("log lock")
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return Some(line.clone());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// One sample from the admin API's `/metrics`: the value of the series written exactly as
+/// `series` (name and labels, e.g. `imdsd_sts_errors_total` or `x{priority="caller"}`); `None`
+/// if it is not there. Blocking.
+pub fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let r = raw(admin, "GET", "/metrics", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    r.text().lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 /// The `addr` field of a JSON log line.
 pub fn extract_addr(line: &str) -> Option<SocketAddr> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
@@ -465,7 +502,26 @@ pub fn extract_addr(line: &str) -> Option<SocketAddr> {
 
 /// Runs the binary to completion (for configuration errors); returns (exit code, stderr).
 pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let output = aws_clean_command(Path::new(env!("CARGO_BIN_EXE_imdsd")))
+    run_to_exit_under(&[], args, env)
+}
+
+/// [`run_to_exit`] through a wrapper command that ends by running its remaining arguments
+/// (`unshare …`, `setpriv …`): `wrapper… <imdsd> args…`.
+pub fn run_to_exit_under(
+    wrapper: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String) {
+    let imdsd = Path::new(env!("CARGO_BIN_EXE_imdsd"));
+    let mut command = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = aws_clean_command(Path::new(program));
+            c.args(rest).arg(imdsd);
+            c
+        }
+        None => aws_clean_command(imdsd),
+    };
+    let output = command
         .args(args)
         .envs(env.iter().copied())
         .env("AWS_EC2_METADATA_DISABLED", "true")

@@ -556,6 +556,9 @@ fn pseudo_random() -> u64 {
 pub struct RunOpts {
     /// Short label; the container is named `imdsd-test-<name>-<pid>-<n>`.
     pub name: String,
+    /// Use `name` as the container's whole name (e.g. an earlier harness container's, to start
+    /// a new incarnation under the same name once that one is removed).
+    pub exact_name: bool,
     pub network: String,
     /// A fixed address on `network`.
     pub ip: Option<IpAddr>,
@@ -578,6 +581,13 @@ impl RunOpts {
             image: test_image(),
             ..RunOpts::default()
         }
+    }
+
+    /// Names the container exactly `name` (see [`RunOpts::exact_name`]).
+    pub fn named_exactly(mut self, name: &str) -> RunOpts {
+        self.name = name.to_string();
+        self.exact_name = true;
+        self
     }
 
     pub fn ip(mut self, ip: IpAddr) -> RunOpts {
@@ -636,11 +646,15 @@ impl TestContainer {
         require_docker();
         cleanup_stale_once();
         assert!(!opts.image.is_empty(), "RunOpts.image is empty");
-        let name = unique_name(if opts.name.is_empty() {
-            "container"
+        let name = if opts.exact_name {
+            opts.name.clone()
         } else {
-            &opts.name
-        });
+            unique_name(if opts.name.is_empty() {
+                "container"
+            } else {
+                &opts.name
+            })
+        };
         let mut args: Vec<String> = vec![
             "run".into(),
             "--detach".into(),
@@ -671,6 +685,11 @@ impl TestContainer {
         args.extend(opts.args.iter().cloned());
 
         let mut out = docker(&args);
+        if !out.status.success() && opts.exact_name && stderr_of(&out).contains("is already in use")
+        {
+            // Someone else's container, or one the test has not removed yet: leave it alone.
+            panic!("`docker {}` failed: {}", show_args(&args), stderr_of(&out));
+        }
         if !out.status.success() && stderr_of(&out).contains("is already in use") {
             // Our name, from an earlier process that had our pid: it is stale.
             let _ = try_docker(["rm", "--force", "--volumes", &name]);
@@ -779,6 +798,11 @@ impl TestContainer {
     /// `docker stop -t 1`: SIGTERM, then SIGKILL a second later.
     pub fn stop(&self) {
         docker_ok(["stop", "--time", "1", &self.id]);
+    }
+
+    /// `docker restart -t 1`: the same container (id, name, address) in a new incarnation.
+    pub fn restart(&self) {
+        docker_ok(["restart", "--time", "1", &self.id]);
     }
 
     /// Removes the container now (force), instead of at drop.

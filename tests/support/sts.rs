@@ -1,6 +1,7 @@
 //! STS for the tests: moto's server (the real STS wire protocol, from the test venv) and a small
 //! scripted STS that speaks the same Query/XML protocol for what moto cannot do on demand:
-//! AccessDenied, throttling, 500s, slow answers, chosen expiries, and counting calls.
+//! AccessDenied, throttling, 500s, slow answers, broken answers, refused connections, chosen
+//! expiries, and a record of every call.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -104,6 +105,28 @@ pub enum Behaviour {
     Throttle,
     /// 500 InternalFailure.
     Fail,
+    /// 502 with an HTML page, as a proxy or load balancer in front of STS would answer.
+    BadGateway,
+    /// 200 whose body is not XML at all.
+    Garbage,
+    /// 200 with a granted answer cut off in the middle.
+    Truncated,
+    /// 200, well-formed, with a `Credentials` element whose fields are all missing: what an SDK
+    /// that fills in required fields turns into empty strings and the Unix epoch.
+    EmptyCredentials,
+}
+
+/// One AssumeRole call as the scripted STS saw it.
+#[derive(Debug, Clone)]
+pub struct AssumeCall {
+    pub role_arn: String,
+    pub session_name: String,
+    /// The access key id granted (every call gets its own), whatever the answer was.
+    pub access_key_id: String,
+    pub started: Instant,
+    pub finished: Instant,
+    /// AssumeRole calls being answered when this one arrived, itself included.
+    pub in_flight: usize,
 }
 
 #[derive(Debug)]
@@ -114,14 +137,21 @@ struct Script {
     delay: Duration,
     caller_arn: String,
     requests: Vec<HashMap<String, String>>,
+    calls: Vec<AssumeCall>,
+    in_flight: usize,
+    /// Calls waiting at the gate now.
+    held: usize,
+    /// While `true`, AssumeRole calls are held (after being counted) until it turns `false`.
+    gate: tokio::sync::watch::Sender<bool>,
 }
 
 /// A scripted STS endpoint on 127.0.0.1.
 pub struct ScriptedSts {
     pub url: String,
+    addr: SocketAddr,
     script: Arc<Mutex<Script>>,
     assume_calls: Arc<AtomicUsize>,
-    shutdown: CancellationToken,
+    shutdown: Mutex<CancellationToken>,
 }
 
 impl ScriptedSts {
@@ -129,7 +159,8 @@ impl ScriptedSts {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let addr = listener.local_addr().expect("addr");
+        let url = format!("http://{addr}");
         let script = Arc::new(Mutex::new(Script {
             default: Behaviour::Grant,
             per_role: HashMap::new(),
@@ -137,36 +168,45 @@ impl ScriptedSts {
             delay: Duration::ZERO,
             caller_arn: "arn:aws:iam::123456789012:user/operator".into(),
             requests: Vec::new(),
+            calls: Vec::new(),
+            in_flight: 0,
+            held: 0,
+            gate: tokio::sync::watch::channel(false).0,
         }));
         let assume_calls = Arc::new(AtomicUsize::new(0));
-        let shutdown = CancellationToken::new();
-        let (s, c) = (script.clone(), assume_calls.clone());
-        let handler = Arc::new(move |_caller: IpAddr| {
-            let (s, c) = (s.clone(), c.clone());
-            move |req: Request<Incoming>| {
-                let (s, c) = (s.clone(), c.clone());
-                async move { answer(req, s, c).await }
-            }
-        });
-        tokio::spawn(imdsd::server::serve(
-            listener,
-            "scripted-sts",
-            handler,
-            imdsd::server::Connections::new(
-                imdsd::server::ServerOptions {
-                    keep_alive: true,
-                    ..Default::default()
-                },
-                Arc::new(imdsd::metrics::Metrics::default()),
-            ),
-            shutdown.clone(),
-        ));
+        let shutdown = serve(listener, script.clone(), assume_calls.clone());
         ScriptedSts {
             url,
+            addr,
             script,
             assume_calls,
-            shutdown,
+            shutdown: Mutex::new(shutdown),
         }
+    }
+
+    /// Stops listening and closes every connection: calls are refused until [`Self::resume`].
+    pub fn refuse_connections(&self) {
+        self.shutdown.lock().expect("lock").cancel();
+    }
+
+    /// Listens again on the same address, with the same script and records.
+    pub async fn resume(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "cannot listen on {} again: {e}",
+                        self.addr
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let token = serve(listener, self.script.clone(), self.assume_calls.clone());
+        *self.shutdown.lock().expect("lock") = token;
     }
 
     /// What AssumeRole does for role ARNs ending in `role_suffix` (or every role, with `None`).
@@ -197,6 +237,34 @@ impl ScriptedSts {
         self.assume_calls.load(Ordering::SeqCst)
     }
 
+    /// Holds every AssumeRole call that arrives from now on (they are counted, and answered only
+    /// after [`Self::release`]).
+    pub fn hold(&self) {
+        self.script.lock().expect("lock").gate.send_replace(true);
+    }
+
+    pub fn release(&self) {
+        self.script.lock().expect("lock").gate.send_replace(false);
+    }
+
+    /// AssumeRole calls being answered (or held) right now.
+    pub fn in_flight(&self) -> usize {
+        self.script.lock().expect("lock").in_flight
+    }
+
+    /// AssumeRole calls held by [`Self::hold`] right now.
+    pub fn held(&self) -> usize {
+        self.script.lock().expect("lock").held
+    }
+
+    /// Every AssumeRole call answered so far, in the order they arrived, with when and how many
+    /// at once.
+    pub fn assume_log(&self) -> Vec<AssumeCall> {
+        let mut calls = self.script.lock().expect("lock").calls.clone();
+        calls.sort_by_key(|c| c.started);
+        calls
+    }
+
     /// The form parameters of every AssumeRole call so far.
     pub fn assume_requests(&self) -> Vec<HashMap<String, String>> {
         self.script
@@ -212,8 +280,39 @@ impl ScriptedSts {
 
 impl Drop for ScriptedSts {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        if let Ok(token) = self.shutdown.lock() {
+            token.cancel();
+        }
     }
+}
+
+fn serve(
+    listener: tokio::net::TcpListener,
+    script: Arc<Mutex<Script>>,
+    calls: Arc<AtomicUsize>,
+) -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let handler = Arc::new(move |_caller: IpAddr| {
+        let (s, c) = (script.clone(), calls.clone());
+        move |req: Request<Incoming>| {
+            let (s, c) = (s.clone(), c.clone());
+            async move { answer(req, s, c).await }
+        }
+    });
+    tokio::spawn(imdsd::server::serve(
+        listener,
+        "scripted-sts",
+        handler,
+        imdsd::server::Connections::new(
+            imdsd::server::ServerOptions {
+                keep_alive: true,
+                ..Default::default()
+            },
+            Arc::new(imdsd::metrics::Metrics::default()),
+        ),
+        shutdown.clone(),
+    ));
+    shutdown
 }
 
 async fn answer(
@@ -259,20 +358,40 @@ async fn answer(
             )
         }
         "AssumeRole" => {
+            let started = Instant::now();
             let n = calls.fetch_add(1, Ordering::SeqCst);
+            let (in_flight, mut gate) = {
+                let mut s = script.lock().expect("lock");
+                s.in_flight += 1;
+                (s.in_flight, s.gate.subscribe())
+            };
+            // Counted out also when the daemon gives up on the call (and the answer is dropped).
+            let done = InFlight(script.clone());
+            if *gate.borrow_and_update() {
+                script.lock().expect("lock").held += 1;
+                let _waiting = Held(script.clone());
+                let _ = gate.wait_for(|held| !*held).await;
+            }
             tokio::time::sleep(delay).await;
+            drop(done);
             let role = form.get("RoleArn").cloned().unwrap_or_default();
             let session = form.get("RoleSessionName").cloned().unwrap_or_default();
+            script.lock().expect("lock").calls.push(AssumeCall {
+                role_arn: role.clone(),
+                session_name: session.clone(),
+                access_key_id: format!("ASIASCRIPTED{n:08}"),
+                started,
+                finished: Instant::now(),
+                in_flight,
+            });
             match behaviour {
-                Behaviour::Grant => {
+                Behaviour::Grant | Behaviour::Truncated => {
                     let expiration =
                         humantime::format_rfc3339_seconds(SystemTime::now() + lifetime);
                     let name = role.rsplit('/').next().unwrap_or_default();
                     let account = role.split(':').nth(4).unwrap_or_default();
-                    xml(
-                        StatusCode::OK,
-                        format!(
-                            "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+                    let mut body = format!(
+                        "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
                              <AssumeRoleResult><Credentials>\
                              <AccessKeyId>ASIASCRIPTED{n:08}</AccessKeyId>\
                              <SecretAccessKey>scripted/secret/key/{n:020}</SecretAccessKey>\
@@ -283,8 +402,43 @@ async fn answer(
                              </AssumedRoleUser></AssumeRoleResult>\
                              <ResponseMetadata><RequestId>r-{n}</RequestId></ResponseMetadata>\
                              </AssumeRoleResponse>"
-                        ),
-                    )
+                    );
+                    if behaviour == Behaviour::Truncated {
+                        // Cut inside the secret key: the access key id made it, nothing after.
+                        let cut = body.find("<SecretAccessKey>").expect("secret") + 20;
+                        body.truncate(cut);
+                    }
+                    xml(StatusCode::OK, body)
+                }
+                Behaviour::EmptyCredentials => xml(
+                    StatusCode::OK,
+                    "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+                     <AssumeRoleResult><Credentials></Credentials></AssumeRoleResult>\
+                     <ResponseMetadata><RequestId>r-empty</RequestId></ResponseMetadata>\
+                     </AssumeRoleResponse>"
+                        .to_string(),
+                ),
+                Behaviour::Garbage => {
+                    let mut res = Response::new(Full::new(Bytes::from_static(
+                        b"\x00\x9f\x92\x96 this is not XML {\"json\": maybe}",
+                    )));
+                    res.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/xml"),
+                    );
+                    res
+                }
+                Behaviour::BadGateway => {
+                    let mut res = Response::new(Full::new(Bytes::from_static(
+                        b"<html><head><title>502 Bad Gateway</title></head><body>\
+                          <center><h1>502 Bad Gateway</h1></center></body></html>",
+                    )));
+                    *res.status_mut() = StatusCode::BAD_GATEWAY;
+                    res.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/html"),
+                    );
+                    res
                 }
                 Behaviour::Deny => error(
                     StatusCode::FORBIDDEN,
@@ -309,6 +463,26 @@ async fn answer(
             "InvalidAction",
             &format!("unknown action {other}"),
         ),
+    }
+}
+
+struct InFlight(Arc<Mutex<Script>>);
+
+struct Held(Arc<Mutex<Script>>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.lock() {
+            s.held -= 1;
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.lock() {
+            s.in_flight -= 1;
+        }
     }
 }
 
