@@ -8,7 +8,8 @@
 //!    containers, inspects the ones the index does not already know, and swaps the result in;
 //! 3. applies events: a container that dies or is destroyed is removed at once, without a round
 //!    trip; a start, rename, update, or network (dis)connect is re-inspected; a periodic resync
-//!    repairs anything missed.
+//!    repairs anything missed. A container whose record cannot be read (Podman's `stopped`, a
+//!    state Docker's API does not have) is not served; it does not end the session.
 //!
 //! When the engine goes away the session ends and the index stops being authoritative: while the
 //! watcher cannot see events, a container may die and another take its address, so callers get a
@@ -659,11 +660,20 @@ impl Watcher {
         self.stats.inspects.fetch_add(1, Ordering::Relaxed);
         let mut details = match docker.inspect_container(id, None).await {
             Ok(details) => details,
-            // Gone between the event and the inspect.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => return Ok(None),
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                return match inspect_failure(&e) {
+                    InspectFailure::Gone => Ok(None),
+                    InspectFailure::Unreadable { expected } => {
+                        if expected {
+                            tracing::debug!(container = %short(id), error = %e, "a container between its exit and its cleanup: not served");
+                        } else {
+                            tracing::warn!(container = %short(id), error = %e, "the engine's record of this container cannot be read: it gets no role until it can");
+                        }
+                        Ok(None)
+                    }
+                    InspectFailure::Session => Err(e.into()),
+                };
+            }
         };
         self.add_service_labels(docker, &mut details).await?;
         Ok(to_container(details, &self.options, &self.served, gateway))
@@ -744,6 +754,37 @@ pub async fn network_gateways(options: &DockerOptions) -> Result<Vec<(String, Ip
     match tokio::time::timeout(Duration::from_secs(5), ask).await {
         Ok(result) => result.map_err(|e| e.to_string()),
         Err(_) => Err("no answer within 5 s".into()),
+    }
+}
+
+/// What a failed inspect means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InspectFailure {
+    /// The container is gone (between the event and the inspect): it holds no address.
+    Gone,
+    /// The engine answered with a record imdsd cannot read. A container imdsd cannot read is
+    /// one it cannot vouch for: it holds no address (its callers are unknown) until a later
+    /// record can be read, and the session goes on for everyone else. `expected` for the one
+    /// case known to be harmless: Podman reports the state `stopped`, which Docker's API does
+    /// not have, between a container's exit and its cleanup.
+    Unreadable { expected: bool },
+    /// Anything else (the engine is unreachable or failing): the session ends.
+    Session,
+}
+
+pub(crate) fn inspect_failure(e: &bollard::errors::Error) -> InspectFailure {
+    use bollard::errors::Error;
+    match e {
+        Error::DockerResponseServerError {
+            status_code: 404, ..
+        } => InspectFailure::Gone,
+        Error::JsonDataError { message, .. } => InspectFailure::Unreadable {
+            expected: message.contains("`stopped`"),
+        },
+        Error::JsonSerdeError { err } => InspectFailure::Unreadable {
+            expected: err.to_string().contains("`stopped`"),
+        },
+        _ => InspectFailure::Session,
     }
 }
 
@@ -1017,6 +1058,41 @@ mod tests {
         assert_eq!(c.addresses.len(), 1);
         let d = details(true, &[("other", "172.19.0.2")]);
         assert!(to_container(d, &options(), &served(&["served"]), &HashMap::new()).is_none());
+    }
+
+    #[test]
+    fn a_record_imdsd_cannot_read_is_not_served_and_does_not_end_the_session() {
+        // Podman 4.3's record of a container that has exited but is not cleaned up yet.
+        let stopped = serde_json::json!({
+            "Id": "f".repeat(64),
+            "State": {"Status": "stopped", "Running": false, "Pid": 0, "ExitCode": 0},
+            "Name": "/app"
+        });
+        let err = serde_json::from_value::<ContainerInspectResponse>(stopped)
+            .expect_err("Docker's API has no state `stopped`");
+        assert_eq!(
+            inspect_failure(&err.into()),
+            InspectFailure::Unreadable { expected: true }
+        );
+        let odd = serde_json::from_value::<ContainerInspectResponse>(serde_json::json!({
+            "Id": "f".repeat(64),
+            "State": {"Status": "hibernating", "Running": true},
+        }))
+        .expect_err("an unknown state");
+        assert_eq!(
+            inspect_failure(&odd.into()),
+            InspectFailure::Unreadable { expected: false }
+        );
+        let gone = bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            message: "no such container".into(),
+        };
+        assert_eq!(inspect_failure(&gone), InspectFailure::Gone);
+        let failing = bollard::errors::Error::DockerResponseServerError {
+            status_code: 500,
+            message: "database is locked".into(),
+        };
+        assert_eq!(inspect_failure(&failing), InspectFailure::Session);
     }
 
     #[test]

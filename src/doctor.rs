@@ -36,7 +36,7 @@ use crate::config::{self, Config, Parsed, SourceConfig};
 use crate::credentials::fake::FakeSource;
 use crate::credentials::sts::{StsSetupError, StsSource};
 use crate::credentials::{AssumeRequest, CredentialSource, SourceError};
-use crate::docker::{DockerOptions, NetworkInfo, NetworkScope, served_networks};
+use crate::docker::{DockerOptions, InspectFailure, NetworkInfo, NetworkScope, served_networks};
 use crate::identity::container::{self, Decision};
 use crate::identity::role::{AccountContext, RoleArn};
 use crate::index::Container;
@@ -490,10 +490,13 @@ async fn survey(options: &DockerOptions) -> Result<(String, Survey), String> {
                     survey.served.push(c);
                 }
             }
-            // Stopped between the listing and the inspect: nothing to check.
-            Ok(Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            })) => {}
+            // Stopped between the listing and the inspect (gone, or Podman's `stopped` record
+            // before its cleanup): nothing to check.
+            Ok(Err(e))
+                if matches!(
+                    crate::docker::inspect_failure(&e),
+                    InspectFailure::Gone | InspectFailure::Unreadable { expected: true }
+                ) => {}
             Ok(Err(e)) => return Err(format!("inspecting {name}: {}", error_chain(&e))),
             Err(_) => {
                 return Err(format!(
