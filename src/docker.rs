@@ -778,6 +778,15 @@ pub(crate) fn inspect_failure(e: &bollard::errors::Error) -> InspectFailure {
         Error::DockerResponseServerError {
             status_code: 404, ..
         } => InspectFailure::Gone,
+        // Podman 4.3 answers 500 for a container removed while it looked it up.
+        Error::DockerResponseServerError {
+            status_code: 500,
+            message,
+        } if message.contains("does not exist in database")
+            || message.contains("no such container") =>
+        {
+            InspectFailure::Gone
+        }
         Error::JsonDataError { message, .. } => InspectFailure::Unreadable {
             expected: message.contains("`stopped`"),
         },
@@ -1061,7 +1070,7 @@ mod tests {
     }
 
     #[test]
-    fn a_record_imdsd_cannot_read_is_not_served_and_does_not_end_the_session() {
+    fn a_container_gone_or_unreadable_is_not_served_and_does_not_end_the_session() {
         // Podman 4.3's record of a container that has exited but is not cleaned up yet.
         let stopped = serde_json::json!({
             "Id": "f".repeat(64),
@@ -1088,6 +1097,15 @@ mod tests {
             message: "no such container".into(),
         };
         assert_eq!(inspect_failure(&gone), InspectFailure::Gone);
+        // What Podman says of a container removed while it looked it up.
+        let removed = bollard::errors::Error::DockerResponseServerError {
+            status_code: 500,
+            message: format!(
+                "container {} does not exist in database: no such container",
+                "f".repeat(64)
+            ),
+        };
+        assert_eq!(inspect_failure(&removed), InspectFailure::Gone);
         let failing = bollard::errors::Error::DockerResponseServerError {
             status_code: 500,
             message: "database is locked".into(),
