@@ -393,6 +393,20 @@ impl Imds {
         workload: Arc<Workload>,
     ) -> Step {
         let r = &self.responder;
+        // Until the index has synced, the caller cannot be told apart: a token issued now would
+        // be bound to nobody it could ever be presented by, and one presented now cannot be
+        // checked against anybody. 503, as for the role routes: SDKs retry it, and get a token
+        // bound to their container once it is known.
+        if matches!(workload.role, RoleState::Pending)
+            && (matches!(wanted, Wanted::Token(_)) || seen.token.is_some())
+        {
+            tracing::warn!(caller = %workload.ip, "answering 503: the container index has not synced with the Docker Engine yet");
+            return Outcome {
+                response: r.error(StatusCode::SERVICE_UNAVAILABLE),
+                workload: Some(workload),
+            }
+            .into();
+        }
         if let Wanted::Token(ttl) = wanted {
             return Outcome {
                 response: self.issue_token(&workload, ttl),
@@ -883,6 +897,88 @@ fn instance_profile_id(arn: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The metadata service with fake credentials, telling containers apart through an index
+    /// that has not synced with the engine (yet, or again after losing it).
+    fn unsynced() -> (Arc<Imds>, crate::index::IndexWriter) {
+        use crate::identity::IdentityConfig;
+        use crate::identity::role::AccountContext;
+        use crate::instance::{Instance, InstanceDefaults, InstanceSection};
+        let clock: SharedClock = Arc::new(crate::clock::SystemClock);
+        let mut identity = Identity::new(
+            IdentityConfig {
+                default_role: None,
+                mapping: crate::identity::mapping::RoleMapping::default(),
+                session_name_template: None,
+                containers: crate::identity::container::ContainerRules::default(),
+            },
+            AccountContext {
+                default_account: Some("123456789012".into()),
+                partition: "aws".into(),
+                aliases: std::collections::HashMap::new(),
+            },
+        )
+        .expect("valid");
+        let (index, writer) = crate::index::index();
+        identity.attach_index(index);
+        let source = Arc::new(crate::credentials::fake::FakeSource::new(
+            Duration::from_secs(3600),
+            clock.clone(),
+        ));
+        let instance = Instance::resolve(&InstanceSection::default(), &InstanceDefaults::default())
+            .expect("valid");
+        let imds = Imds::new(
+            Tree::build(&instance),
+            Tokens::new(token::TokenKey::from_bytes([7; 32])),
+            Arc::new(identity),
+            Broker::new(source, clock.clone(), Default::default()),
+            ImdsOptions::default(),
+            clock,
+            Arc::new(Metrics::default()),
+        );
+        (Arc::new(imds), writer)
+    }
+
+    async fn ask(imds: &Arc<Imds>, method: Method, path: &str, token: Option<&str>) -> StatusCode {
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(token) = token {
+            request = request.header("x-aws-ec2-metadata-token", token);
+        } else {
+            request = request.header(TOKEN_TTL_HEADER, "21600");
+        }
+        let request = request.body(()).expect("request");
+        let caller: IpAddr = "172.18.0.2".parse().expect("ip");
+        imds.clone()
+            .handle(request, caller, &ConnectionCaller::default())
+            .await
+            .status()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn until_the_index_has_synced_no_token_is_issued_or_accepted() {
+        let (imds, _writer) = unsynced();
+        // A token now would be bound to nobody the caller can ever be: refused, retryably.
+        assert_eq!(
+            ask(&imds, Method::PUT, "/latest/api/token", None).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // A token issued before the engine was lost cannot be checked against anybody now.
+        let issued = imds
+            .tokens
+            .issue(b"ctr:someone:t1", 60, SystemTime::now())
+            .expect("rng");
+        assert_eq!(
+            ask(
+                &imds,
+                Method::GET,
+                "/latest/meta-data/iam/security-credentials/",
+                Some(&issued)
+            )
+            .await,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a retryable 503, not the 401 that makes SDKs give up"
+        );
+    }
 
     #[test]
     fn requests_are_counted_by_the_route_they_parse_to() {
