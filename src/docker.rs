@@ -32,6 +32,7 @@ use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 
 use crate::index::{Change, Container, Index, IndexWriter, Subnet};
+use crate::liveness::{Monitor, Pidfd};
 
 pub mod synthetic;
 
@@ -206,6 +207,10 @@ pub struct DockerStats {
     /// Sessions that ended with an error (the engine went away, the stream broke).
     pub reconnects: AtomicU64,
     pub connected: AtomicBool,
+    /// Container incarnations whose init process is watched (see [`crate::liveness`]).
+    pub processes_watched: AtomicU64,
+    /// Exits of watched init processes, marked before the engine's events said so, or after.
+    pub exits_seen: Arc<AtomicU64>,
 }
 
 /// Why a session ended.
@@ -238,7 +243,13 @@ pub struct Watcher {
     /// The networks served now, by name: worked out from [`DockerOptions::networks`] whenever the
     /// networks are listed.
     served: BTreeSet<String>,
+    /// Watches the indexed containers' init processes (see [`crate::liveness`]); started with
+    /// the watcher.
+    monitor: Option<Monitor>,
 }
+
+/// A running container as inspected, with its init process when it could be opened.
+type Inspected = (Container, Option<Pidfd>);
 
 impl Watcher {
     pub fn new(options: DockerOptions, writer: IndexWriter) -> Self {
@@ -247,6 +258,7 @@ impl Watcher {
             writer,
             stats: Arc::new(DockerStats::default()),
             served: BTreeSet::new(),
+            monitor: None,
         }
     }
 
@@ -266,6 +278,10 @@ impl Watcher {
         if let Some(Ok(n)) = synthetic::count(&self.options.host) {
             return synthetic::run(n, &self.options, &mut self.writer, &self.stats, shutdown).await;
         }
+        self.monitor = Some(Monitor::spawn(
+            self.writer.reader(),
+            self.stats.exits_seen.clone(),
+        ));
         let mut backoff = INITIAL_BACKOFF;
         loop {
             let synced = tokio::select! {
@@ -397,6 +413,7 @@ impl Watcher {
         let gateway = self.gateway_endpoints(docker).await?;
         let index = self.writer.reader();
         let mut containers = Vec::with_capacity(running.len());
+        let mut processes = Vec::new();
         for summary in running {
             let Some(id) = summary.id else { continue };
             let listed: HashSet<IpAddr> = summary
@@ -416,12 +433,18 @@ impl Watcher {
                 containers.push((*known).clone());
                 continue;
             }
-            if let Some(c) = self.inspect_with(docker, &id, &gateway).await? {
+            if let Some((c, pidfd)) = self.inspect_with(docker, &id, &gateway).await? {
+                if let Some(pidfd) = pidfd {
+                    processes.push((c.clone(), pidfd));
+                }
                 containers.push(c);
             }
         }
         // A full listing leaves nothing in doubt.
         let _ = self.writer.apply(Change::Replace(containers));
+        for (c, pidfd) in processes {
+            self.watch(&c, pidfd);
+        }
         Ok(())
     }
 
@@ -498,12 +521,12 @@ impl Watcher {
                 match container_effect(action) {
                     // Removal needs no round trip: the sooner a dead container's addresses are
                     // released, the smaller the window in which a new one could be mistaken for it.
-                    Effect::Remove => self.settle(docker, Change::Remove { id }).await?,
+                    Effect::Remove => self.settle(docker, Change::Remove { id }, None).await?,
                     Effect::Reinspect => self.reinspect(docker, &id).await?,
                     Effect::Ignore => {}
                     Effect::Unknown => {
                         tracing::info!(action, container = %short(&id), "an event imdsd does not know: asking the engine about the container again");
-                        self.settle(docker, Change::Doubt { id: id.clone() })
+                        self.settle(docker, Change::Doubt { id: id.clone() }, None)
                             .await?;
                         self.reinspect(docker, &id).await?;
                     }
@@ -544,30 +567,56 @@ impl Watcher {
     }
 
     async fn reinspect(&mut self, docker: &Docker, id: &str) -> Result<(), SessionError> {
-        let change = match self.inspect(docker, id).await? {
-            Some(c) => Change::Upsert(c),
-            None => Change::Remove { id: id.to_string() },
+        let (change, pidfd) = match self.inspect(docker, id).await? {
+            Some((c, pidfd)) => (Change::Upsert(c), pidfd),
+            None => (Change::Remove { id: id.to_string() }, None),
         };
-        self.settle(docker, change).await
+        self.settle(docker, change, pidfd).await
+    }
+
+    /// Has the monitor watch the init process of `c`, just indexed, unless it already does.
+    fn watch(&self, c: &Container, pidfd: Pidfd) {
+        if let Some(monitor) = &self.monitor
+            && let Some(liveness) = self.writer.liveness_to_watch(c)
+        {
+            self.stats.processes_watched.fetch_add(1, Ordering::Relaxed);
+            monitor.watch(pidfd, liveness, c.addresses.clone());
+        }
     }
 
     /// Applies `change`, then asks the engine again about every container the index is in doubt
     /// about because of it (one that lost an address before it was seen to stop), until nothing
     /// is in doubt. A container that would be asked about twice stays in doubt, with a warning:
     /// two running containers claiming one address is not something to guess about.
-    async fn settle(&mut self, docker: &Docker, change: Change) -> Result<(), SessionError> {
+    async fn settle(
+        &mut self,
+        docker: &Docker,
+        change: Change,
+        pidfd: Option<Pidfd>,
+    ) -> Result<(), SessionError> {
+        let upserted = match (&change, pidfd) {
+            (Change::Upsert(c), Some(pidfd)) => Some((c.clone(), pidfd)),
+            _ => None,
+        };
         let mut doubtful: VecDeque<String> = self.writer.apply(change).into();
+        if let Some((c, pidfd)) = upserted {
+            self.watch(&c, pidfd);
+        }
         let mut asked = HashSet::new();
         while let Some(id) = doubtful.pop_front() {
             if !asked.insert(id.clone()) {
                 tracing::warn!(container = %short(&id), "the engine gives an address of this container to another one too; its addresses stay unserved until that changes");
                 continue;
             }
-            let change = match self.inspect(docker, &id).await? {
-                Some(c) => Change::Upsert(c),
-                None => Change::Remove { id },
-            };
-            doubtful.extend(self.writer.apply(change));
+            match self.inspect(docker, &id).await? {
+                Some((c, pidfd)) => {
+                    doubtful.extend(self.writer.apply(Change::Upsert(c.clone())));
+                    if let Some(pidfd) = pidfd {
+                        self.watch(&c, pidfd);
+                    }
+                }
+                None => doubtful.extend(self.writer.apply(Change::Remove { id })),
+            }
         }
         Ok(())
     }
@@ -644,7 +693,7 @@ impl Watcher {
     }
 
     /// The container if it is running (and on a served network), `None` if it is not.
-    async fn inspect(&self, docker: &Docker, id: &str) -> Result<Option<Container>, SessionError> {
+    async fn inspect(&self, docker: &Docker, id: &str) -> Result<Option<Inspected>, SessionError> {
         let gateway = self.gateway_endpoints(docker).await?;
         self.inspect_with(docker, id, &gateway).await
     }
@@ -655,7 +704,7 @@ impl Watcher {
         docker: &Docker,
         id: &str,
         gateway: &HashMap<String, Vec<IpAddr>>,
-    ) -> Result<Option<Container>, SessionError> {
+    ) -> Result<Option<Inspected>, SessionError> {
         self.count(1);
         self.stats.inspects.fetch_add(1, Ordering::Relaxed);
         let mut details = match docker.inspect_container(id, None).await {
@@ -676,7 +725,17 @@ impl Watcher {
             }
         };
         self.add_service_labels(docker, &mut details).await?;
-        Ok(to_container(details, &self.options, &self.served, gateway))
+        let pid = details
+            .state
+            .as_ref()
+            .and_then(|s| s.pid)
+            .filter(|p| *p > 0);
+        Ok(
+            to_container(details, &self.options, &self.served, gateway).map(|c| {
+                let pidfd = pid.and_then(|p| Pidfd::open(p, &c.id));
+                (c, pidfd)
+            }),
+        )
     }
 
     /// A Swarm task takes the labels of its service (`docker service create --label`) under its

@@ -21,6 +21,7 @@ pub mod identity;
 pub mod imds;
 pub mod index;
 pub mod instance;
+pub mod liveness;
 pub mod logging;
 pub mod metrics;
 pub mod network;
