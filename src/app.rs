@@ -144,13 +144,15 @@ impl App {
         }
 
         let ahead = gateways_to_bind_ahead(&config).await;
-        let listeners = server::bind_all_ahead(&config.listen, &ahead).await.map_err(|e| {
-            if e.is_configuration {
-                StartError::config(e.to_string())
-            } else {
-                StartError::Runtime(anyhow::Error::new(e))
-            }
-        })?;
+        let listeners = server::bind_all_ahead(&config.listen, &ahead)
+            .await
+            .map_err(|e| {
+                if e.is_configuration {
+                    StartError::config(e.to_string())
+                } else {
+                    StartError::Runtime(anyhow::Error::new(e))
+                }
+            })?;
         let local_addrs = listeners
             .iter()
             .filter_map(|l| l.local_addr().ok())
@@ -172,12 +174,12 @@ impl App {
         let ecs_listeners = server::bind_all_ahead(&config.ecs_listen, &ahead)
             .await
             .map_err(|e| {
-            if e.is_configuration {
-                StartError::config(format!("--ecs-listen: {e}"))
-            } else {
-                StartError::Runtime(anyhow::Error::new(e))
-            }
-        })?;
+                if e.is_configuration {
+                    StartError::config(format!("--ecs-listen: {e}"))
+                } else {
+                    StartError::Runtime(anyhow::Error::new(e))
+                }
+            })?;
         let ecs = Arc::new(Ecs {
             identity: identity.clone(),
             broker: broker.clone(),
