@@ -1,0 +1,230 @@
+//! Per-container roles end to end on rootful Podman (issue 16): each test runs its own Podman
+//! (`support/podman.rs`: a private configuration and store, and its Docker-compatible API
+//! service on a socket of its own), real containers from the test image imported into it, the
+//! daemon on the Podman network's gateway following that socket (`--docker-host`), and moto as
+//! STS.
+//!
+//! What makes Podman different here, and what these tests hold imdsd to:
+//! - its events reach the API's stream late (it polls its event file: up to ~250 ms), so a
+//!   container's first request usually comes before its start event: imdsd must ask the engine
+//!   at once rather than wait for the event, and must never answer from a removed container's
+//!   entry;
+//! - netavark puts a network's gateway on the host only while a container is attached, so imdsd
+//!   may start before its listen address exists.
+//!
+//! They fail, never skip, when Podman cannot be run (scripts/test installs it). Everything a test
+//! creates is removed when its `Podman` is dropped, also when it fails.
+
+mod common;
+#[path = "support/docker.rs"]
+mod docker;
+#[path = "support/e2e.rs"]
+mod e2e;
+#[path = "support/podman.rs"]
+mod podman;
+#[path = "support/sts.rs"]
+mod sts_support;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::Daemon;
+use docker::{RunOpts, TestContainer, TestNetwork, run_to_completion};
+use e2e::{RUN_TIMEOUT, eventually, fake_daemon, probe_args, probe_output};
+use podman::Podman;
+
+/// A container that only sleeps, keeping `net`'s bridge (and so its gateway) up.
+fn sleeper(net: &TestNetwork, name: &str) -> TestContainer {
+    TestContainer::run(
+        &RunOpts::new(net, name)
+            .entrypoint("/bin/busybox")
+            .args(["sleep", "600"]),
+    )
+}
+
+/// The first thing a container does: one plain IMDSv1 GET of the role listing, printed with
+/// wget's exit status (`role-x v1-exit=0`).
+fn first_request_script(endpoint: &str) -> Vec<String> {
+    let script = format!(
+        "/bin/busybox wget -q -O - {endpoint}/latest/meta-data/iam/security-credentials/; \
+         echo \" v1-exit=$?\""
+    );
+    ["sh", "-c", &script]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_containers_on_a_podman_network_get_three_roles_checked_by_sts() {
+    let podman = Podman::start();
+    let net = podman.network("roles");
+    // moto listens on the gateway too (the containers check their credentials with it), and it
+    // cannot bind the address before Podman puts it on the host, with the first container.
+    let _anchor = sleeper(&net, "anchor");
+    net.wait_gateway();
+    e2e::three_containers_get_three_roles(&net, &podman.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recycled_address_on_podman_never_carries_the_previous_containers_role_or_token() {
+    let podman = Podman::start();
+    let net = podman.network("reuse");
+    let d = fake_daemon(&net, &podman.url(), &["--default-role", "fallback"]).await;
+    e2e::recycle_one_address(&net, &d.url(), net.host(10), 20);
+    // On the host, each removal was seen from the kernel, not only from Podman's late events.
+    let exits = d
+        .docker_stats
+        .as_ref()
+        .expect("stats")
+        .exits_seen
+        .load(Ordering::Relaxed);
+    assert!(exits >= 20, "{exits} exits seen for 20 removals");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_container_started_while_imdsd_runs_is_answered_on_its_first_request() {
+    let podman = Podman::start();
+    let net = podman.network("first");
+    let d = fake_daemon(&net, &podman.url(), &[]).await;
+    let stats = d.docker_stats.clone().expect("stats");
+    let lists = stats.lists.load(Ordering::Relaxed);
+    const CONTAINERS: u8 = 5;
+    for i in 0..CONTAINERS {
+        let role = format!("role-{i}");
+        let (exit, logs) = run_to_completion(
+            &RunOpts::new(&net, &format!("first{i}"))
+                .ip(net.host(20 + i))
+                .env("IAM_ROLE", &role)
+                .entrypoint("/bin/busybox")
+                .args(first_request_script(&d.url())),
+            RUN_TIMEOUT,
+        );
+        assert_eq!(
+            (exit, logs.trim()),
+            (0, format!("{role} v1-exit=0").as_str()),
+            "container {i}: its one and only request did not get its role"
+        );
+    }
+    // Podman's start events come a quarter of a second after the containers asked: imdsd found
+    // them by asking the engine (each answer lists the containers once).
+    let asked = stats.lists.load(Ordering::Relaxed) - lists;
+    eprintln!("{asked} listings for {CONTAINERS} containers' first requests");
+    assert!(
+        asked > 0,
+        "no container was looked up before its start event arrived: this test did not exercise \
+         the ask path"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn imdsd_started_before_any_container_is_attached_still_serves() {
+    let podman = Podman::start();
+    let net = podman.network("ahead");
+    assert!(
+        TcpListener::bind((net.gateway, 0)).is_err(),
+        "the gateway {} is already on the host: netavark should add it with the first container",
+        net.gateway
+    );
+    // No --networks: the network whose gateway imdsd listens on is served.
+    let d = Daemon::start_on(
+        &format!("{}:0", net.gateway),
+        &["--fake-credentials", "--docker-host", &podman.url()],
+        tempfile::tempdir().expect("tempdir"),
+    )
+    .await;
+    let index = d.index.clone().expect("the daemon follows Podman");
+    eventually(Duration::from_secs(20), "the first sync", || {
+        index.is_ready()
+    })
+    .await;
+    // Twice: the bridge goes with the first container and comes back with the second.
+    for name in ["one", "two"] {
+        let (exit, logs) = run_to_completion(
+            &RunOpts::new(&net, name)
+                .env("IAM_ROLE", &format!("role-{name}"))
+                .args(probe_args(&d.url(), &[])),
+            RUN_TIMEOUT,
+        );
+        assert_eq!(exit, 0, "{name}: {logs}");
+        assert_eq!(
+            probe_output(&logs)["role"],
+            format!("role-{name}"),
+            "{logs}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The harness itself
+
+/// What of a test's Podman would outlive it: the directory, the API service, mounts under the
+/// directory, the network's bridge.
+fn leftovers(dir: &Path, service_pid: u32) -> Vec<String> {
+    let mut found = Vec::new();
+    if dir.exists() {
+        found.push(format!("directory {}", dir.display()));
+    }
+    if !docker::process_gone(&service_pid.to_string()) {
+        found.push(format!("service process {service_pid}"));
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let prefix = dir.display().to_string();
+    found.extend(
+        mountinfo
+            .lines()
+            .filter(|l| l.contains(&prefix))
+            .map(|l| format!("mount {l}")),
+    );
+    found
+}
+
+#[test]
+fn a_podman_test_leaves_nothing_behind_even_when_it_panics() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let podman = Podman::start();
+        let service_pid = std::fs::read_to_string(podman.dir.join("service.pid"))
+            .expect("service.pid")
+            .trim()
+            .parse::<u32>()
+            .expect("a pid");
+        let net = podman.network("panic");
+        let c = sleeper(&net, "panic");
+        net.wait_gateway();
+        tx.send((podman.dir.clone(), service_pid, net.gateway, c.id.clone()))
+            .expect("send");
+        panic!("the test fails with a container running");
+    }));
+    assert!(outcome.is_err(), "the closure panicked");
+    let (dir, service_pid, gateway, container) = rx.recv().expect("what the test made");
+    assert_eq!(leftovers(&dir, service_pid), Vec::<String>::new());
+    assert!(
+        TcpListener::bind((gateway, 0)).is_err(),
+        "the network's bridge (with {gateway}) is gone"
+    );
+    assert!(
+        !Path::new("/proc")
+            .read_dir()
+            .expect("/proc")
+            .flatten()
+            .any(|p| std::fs::read(p.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&container))),
+        "no process (conmon) of container {container} runs"
+    );
+}
+
+#[test]
+fn cleanup_stale_tears_down_the_podman_a_dead_test_process_left() {
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let dead = child.id();
+    child.wait().expect("wait");
+    let (dir, service_pid) = podman::leave_behind_as(dead);
+    // Every test process cleans up when it starts its first Podman, so another may do it first.
+    podman::cleanup_stale();
+    assert_eq!(leftovers(&dir, service_pid), Vec::<String>::new());
+}
