@@ -157,6 +157,208 @@ async fn imdsd_started_before_any_container_is_attached_still_serves() {
     }
 }
 
+/// `imdsd network ARGS` with `env`: its exit code, stdout and stderr.
+fn imdsd_network(
+    args: &[&str],
+    env: &[(std::ffi::OsString, std::ffi::OsString)],
+) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imdsd"))
+        .arg("network")
+        .args(args)
+        .env_remove("DOCKER_HOST")
+        .env_remove("CONTAINER_HOST")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run imdsd network");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn network_up_with_podman_creates_the_metadata_network_once_and_down_removes_only_it() {
+    let podman = Podman::start();
+    let env = podman.env();
+    let (n, _claim) = docker::claim_podman_subnet();
+    let name = docker::unique_name("netup");
+    let subnet = format!("169.254.{n}.0/24");
+    let address = format!("169.254.{n}.254");
+    let flags = [
+        "--network-name",
+        name.as_str(),
+        "--subnet",
+        &subnet,
+        "--address",
+        &address,
+    ];
+    let exists = |name: &str| {
+        podman
+            .engine
+            .run(["network", "exists", name])
+            .status
+            .success()
+    };
+
+    // CONTAINER_HOST says Podman (and makes the podman CLI use that service): the dry run
+    // prints Podman's command, and changes nothing.
+    let remote = [("CONTAINER_HOST".into(), podman.url().into())];
+    let (code, out, err) = imdsd_network(&[&["up", "--dry-run"][..], &flags].concat(), &remote);
+    assert_eq!(code, 0, "{out}{err}");
+    let names_bridges =
+        String::from_utf8_lossy(&podman.engine.run(["network", "create", "--help"]).stdout)
+            .contains("--interface-name");
+    let bridge = if names_bridges {
+        " --interface-name imdsd0"
+    } else {
+        ""
+    };
+    assert_eq!(
+        out.lines().next(),
+        Some(
+            format!(
+                "podman network create --driver bridge --subnet {subnet} --gateway {address}\
+                 {bridge} --label imdsd.managed=true {name}"
+            )
+            .as_str()
+        ),
+        "{out}"
+    );
+    assert!(!exists(&name), "a dry run creates nothing");
+
+    // A bridge name this Podman cannot give is refused rather than quietly not given.
+    let (code, out, err) = imdsd_network(
+        &[
+            &["up", "--engine", "podman", "--bridge", "imdsdpmx"][..],
+            &flags,
+        ]
+        .concat(),
+        &env,
+    );
+    if !names_bridges {
+        assert_eq!(code, 1, "{out}{err}");
+        assert!(
+            err.contains("--interface-name") && err.contains("fix: "),
+            "{err}"
+        );
+        assert!(!exists(&name));
+    } else {
+        assert_eq!(code, 0, "{out}{err}");
+        podman.engine.run_ok(["network", "rm", &name]);
+    }
+
+    let (code, out, err) =
+        imdsd_network(&[&["up", "--engine", "podman"][..], &flags].concat(), &env);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.starts_with(&format!(
+            "added: podman network {name} (subnet {subnet}, gateway {address}, bridge "
+        )),
+        "{out}"
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&podman.engine.run_ok(["network", "inspect", &name])).expect("json");
+    assert_eq!(record[0]["labels"]["imdsd.managed"], "true", "{record}");
+    assert_eq!(
+        record[0]["subnets"][0]["subnet"],
+        subnet.as_str(),
+        "{record}"
+    );
+    assert_eq!(
+        record[0]["subnets"][0]["gateway"],
+        address.as_str(),
+        "{record}"
+    );
+
+    // Again: everything is there, nothing changes.
+    let (code, again, err) =
+        imdsd_network(&[&["up", "--engine", "podman"][..], &flags].concat(), &env);
+    assert_eq!(code, 0, "{again}{err}");
+    assert!(
+        again.starts_with(&format!("exists: podman network {name} ")),
+        "{again}"
+    );
+    assert!(!again.contains("added: "), "{again}");
+
+    // The layout works: imdsd on the gateway (before any container brought it up), following
+    // Podman, serves a container on the network its role.
+    let d = Daemon::start_on(
+        &format!("{address}:0"),
+        &["--fake-credentials", "--docker-host", &podman.url()],
+        tempfile::tempdir().expect("tempdir"),
+    )
+    .await;
+    let index = d.index.clone().expect("the daemon follows Podman");
+    eventually(Duration::from_secs(20), "the first sync", || {
+        index.is_ready()
+    })
+    .await;
+    let image = podman.engine.image();
+    let on_network = |label: &str| RunOpts {
+        name: label.into(),
+        network: name.clone(),
+        image: image.clone(),
+        engine: podman.engine.clone(),
+        ..RunOpts::default()
+    };
+    let (exit, logs) = run_to_completion(
+        &on_network("netup-app")
+            .env("IAM_ROLE", "role-up")
+            .args(probe_args(&d.url(), &[])),
+        RUN_TIMEOUT,
+    );
+    assert_eq!(exit, 0, "{logs}");
+    assert_eq!(probe_output(&logs)["role"], "role-up", "{logs}");
+    drop(d);
+
+    // down refuses while a container is attached, and says which.
+    let attached = TestContainer::run(
+        &on_network("netup-attached")
+            .entrypoint("/bin/busybox")
+            .args(["sleep", "600"]),
+    );
+    let (code, out, err) = imdsd_network(
+        &[&["down", "--engine", "podman"][..], &flags].concat(),
+        &env,
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(&attached.name) && err.contains("fix: "),
+        "{err}"
+    );
+    assert!(exists(&name));
+    attached.rm();
+
+    let (code, out, err) = imdsd_network(
+        &[&["down", "--engine", "podman"][..], &flags].concat(),
+        &env,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out, format!("removed: podman network {name}\n"));
+    assert!(!exists(&name));
+    let (code, out, err) = imdsd_network(
+        &[&["down", "--engine", "podman"][..], &flags].concat(),
+        &env,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out, format!("absent: podman network {name}\n"));
+
+    // A network imdsd did not create is left alone.
+    let other = podman.network("not-mine");
+    let (code, out, err) = imdsd_network(
+        &["down", "--engine", "podman", "--network-name", &other.name],
+        &env,
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("was not created by `imdsd network up`"),
+        "{err}"
+    );
+    assert!(exists(&other.name));
+}
+
 // ---------------------------------------------------------------------------------------------
 // The harness itself
 

@@ -894,7 +894,7 @@ fn octets_of(text: &str) -> HashSet<u8> {
 /// Claims are made under a lock on the directory's `.lock`; a claim whose process is gone is
 /// taken over, and a claim is released on drop.
 #[derive(Debug)]
-struct OctetClaim {
+pub struct OctetClaim {
     path: PathBuf,
 }
 
@@ -927,6 +927,19 @@ impl OctetClaim {
         std::fs::write(&path, std::process::id().to_string()).ok()?;
         Some(OctetClaim { path })
     }
+}
+
+/// A free `169.254.N.0/24` in the Podman range, claimed until the claim is dropped: for a test
+/// that has something else (`imdsd network up`) create the network.
+pub fn claim_podman_subnet() -> (u8, OctetClaim) {
+    let used: HashSet<u8> = link_local_octets_in_use()
+        .into_iter()
+        .chain(link_local_octets_on_host())
+        .collect();
+    PODMAN_OCTETS
+        .filter(|n| !used.contains(n))
+        .find_map(|n| OctetClaim::take(n).map(|claim| (n, claim)))
+        .expect("a free 169.254.N.0/24 in the Podman test range")
 }
 
 /// Removes the subnet claims of processes that are gone (a test killed before its `Drop`s ran).
