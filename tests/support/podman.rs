@@ -431,3 +431,80 @@ pub fn leave_behind_as(pid: u32) -> (PathBuf, u32) {
     std::mem::forget(podman);
     (dir, service_pid)
 }
+
+/// A rootless Podman API service, run as the unprivileged user `nobody` in a directory of its
+/// own (its HOME and XDG_RUNTIME_DIR): what an operator has who started Podman as themselves. It
+/// runs no container (rootless networking needs more than this sandbox gives); its `/info` is
+/// what `imdsd doctor` judges. Dropping it stops the service and removes the directory.
+#[derive(Debug)]
+pub struct RootlessService {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    service: Option<Child>,
+}
+
+impl RootlessService {
+    pub fn start() -> RootlessService {
+        require_podman();
+        cleanup_stale_once();
+        let dir = base_dir().join(format!(
+            "{}-rootless-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        let chown = Command::new("chown")
+            .args(["nobody:nogroup"])
+            .arg(&dir)
+            .status()
+            .expect("run chown");
+        assert!(chown.success(), "chown nobody {}", dir.display());
+        let socket = dir.join("podman.sock");
+        let mut service = RootlessService {
+            dir: dir.clone(),
+            socket: socket.clone(),
+            service: None,
+        };
+        let log = std::fs::File::create(dir.join("service.log")).expect("service log");
+        let child = Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .args(["podman", "system", "service", "--time=0"])
+            .arg(format!("unix://{}", socket.display()))
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .env("HOME", &dir)
+            .env("XDG_RUNTIME_DIR", &dir)
+            .env("XDG_CONFIG_HOME", dir.join("config"))
+            .env("XDG_DATA_HOME", dir.join("data"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("service log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start a rootless `podman system service`: {e}"));
+        std::fs::write(dir.join("service.pid"), child.id().to_string()).expect("service.pid");
+        service.service = Some(child);
+        let deadline = Instant::now() + SERVICE_START;
+        while !ping(&socket) {
+            assert!(
+                Instant::now() < deadline,
+                "a rootless `podman system service` did not answer on {}:\n{}",
+                socket.display(),
+                std::fs::read_to_string(dir.join("service.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        service
+    }
+
+    /// The service, as `--docker-host` takes it.
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+}
+
+impl Drop for RootlessService {
+    fn drop(&mut self) {
+        teardown(&self.dir, self.service.take());
+    }
+}
