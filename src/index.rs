@@ -188,6 +188,8 @@ struct Shared {
     /// Addresses callers came from that the index could not place, for the watcher to look up.
     asks: Mutex<Vec<IpAddr>>,
     asked: Notify,
+    /// Callers the index could not place when they asked (see [`Index::unplaced_callers`]).
+    unplaced: AtomicU64,
     changed: Notify,
     generation: AtomicU64,
     ready: AtomicBool,
@@ -225,6 +227,7 @@ pub fn index() -> (Index, IndexWriter) {
         state: RwLock::new(State::default()),
         asks: Mutex::new(Vec::new()),
         asked: Notify::new(),
+        unplaced: AtomicU64::new(0),
         changed: Notify::new(),
         generation: AtomicU64::new(0),
         ready: AtomicBool::new(false),
@@ -301,6 +304,7 @@ impl Index {
                     Some(s) if !s.served => return Lookup::Unserved(s.network),
                     Some(_) if !asked => {
                         // A container the index does not know (yet), or no longer trusts.
+                        self.shared.unplaced.fetch_add(1, Ordering::Relaxed);
                         self.ask(ip);
                         asked = true;
                     }
@@ -347,6 +351,13 @@ impl Index {
             .get(&ip.to_canonical())
             .filter(|o| !o.sure())
             .map(|o| o.container.clone())
+    }
+
+    /// How many callers the index could not place when they asked, and asked the watcher about:
+    /// containers that asked before their start event came, or on an address in doubt (for
+    /// tests).
+    pub fn unplaced_callers(&self) -> u64 {
+        self.shared.unplaced.load(Ordering::Relaxed)
     }
 
     /// Whether the owner of `ip` is in doubt, or exited (for the admin API and tests).
@@ -779,6 +790,7 @@ mod tests {
             .await
             .expect("asked at once, not after the wait");
         assert_eq!(w.take_asks(), vec![ip("10.0.0.9")]);
+        assert_eq!(index.unplaced_callers(), 1);
         // The watcher's answer ends the wait.
         let _ = w.apply(Change::Upsert(container("late", "t1", &["10.0.0.9"])));
         let found = waiter.await.expect("join");
