@@ -220,12 +220,15 @@ pub async fn three_containers_get_three_roles(net: &TestNetwork, docker_host: &s
 /// `rounds` of remove-then-start on the one address `ip` of `net`, with the daemon at `endpoint`
 /// serving `net`. Each round, A (`IAM_ROLE=role-a`) runs, gets its role and an IMDSv2 token
 /// through the SDK, and is force-removed while running; B (`IAM_ROLE=role-b`) starts on A's
-/// address at once. B's very first request, a plain IMDSv1 GET of the role listing, must name
-/// role-b; then A's token must be refused (401) for B, and B's own IMDSv2 session (the SDK's
-/// token PUT, then GETs) must get role-b. B exits by itself, and the next round's A takes the
-/// address from it.
+/// address at once. B's very first request, a plain IMDSv1 GET of the role listing, must never
+/// name role-a: it names role-b, or, when the engine could not confirm B within the bounded
+/// wait (a busy engine, a backlog of events), it is the unknown caller's 404 — in fewer than
+/// half of the rounds, or the served path was not exercised. Then A's token must be refused
+/// (401) for B, and B's own IMDSv2 session (the SDK's token PUT, then GETs) must get role-b. B
+/// exits by itself, and the next round's A takes the address from it.
 pub fn recycle_one_address(net: &TestNetwork, endpoint: &str, ip: std::net::IpAddr, rounds: usize) {
     let listing = format!("{endpoint}/latest/meta-data/iam/security-credentials/");
+    let mut unknown = 0;
     for round in 0..rounds {
         let a = TestContainer::run(
             &RunOpts::new(net, "a")
@@ -254,15 +257,20 @@ pub fn recycle_one_address(net: &TestNetwork, endpoint: &str, ip: std::net::IpAd
         );
         let exit = b.wait_exit(RUN_TIMEOUT);
         let logs = b.logs();
+        // wget's body on stdout, then our marker; its complaints on stderr, after.
         let first = logs.lines().next().unwrap_or_default();
         assert!(
             !first.contains("role-a"),
             "round {round}: B's first request got A's role: {logs}"
         );
-        assert_eq!(
-            first, "role-b v1-exit=0",
-            "round {round}: B's first request (IMDSv1) did not get B's role: {logs}"
-        );
+        if first == " v1-exit=1" && logs.contains("404 Not Found") {
+            unknown += 1;
+        } else {
+            assert_eq!(
+                first, "role-b v1-exit=0",
+                "round {round}: B's first request (IMDSv1) got neither B's role nor a 404: {logs}"
+            );
+        }
         assert_eq!(exit, 0, "round {round}, B: {logs}");
         let out = probe_output(&logs);
         assert_eq!(
@@ -275,4 +283,10 @@ pub fn recycle_one_address(net: &TestNetwork, endpoint: &str, ip: std::net::IpAd
         );
         b.rm();
     }
+    eprintln!("B's first request was the unknown caller's 404 in {unknown} of {rounds} rounds");
+    assert!(
+        unknown * 2 < rounds,
+        "B's first request got no role in {unknown} of {rounds} rounds: the served path was \
+         hardly exercised"
+    );
 }
