@@ -574,7 +574,19 @@ impl TestNetwork {
             } else {
                 None
             };
-            match Self::try_create(engine, &name, n, 1, ipv6) {
+            // Podman checks the subnet against every host interface's addresses, and fails
+            // when one of them (another test's veth) goes away meanwhile: try again.
+            let mut created = Self::try_create(engine, &name, n, 1, ipv6);
+            for _ in 0..5 {
+                match &created {
+                    Err(e) if e.contains("no such network interface") => {
+                        std::thread::sleep(Duration::from_millis(100));
+                        created = Self::try_create(engine, &name, n, 1, ipv6);
+                    }
+                    _ => break,
+                }
+            }
+            match created {
                 Ok(mut network) => {
                     network.claim = claim;
                     return network;
