@@ -644,4 +644,9 @@ fn a_rootless_podman_is_refused_with_the_reason_and_the_fix() {
         line.contains("fix: ") && line.contains("podman.socket"),
         "the fix: {line}"
     );
+    // The service re-executed itself into a user namespace; none of it outlives the test.
+    let dir = rootless.dir.clone();
+    drop(rootless);
+    assert_eq!(podman::processes_of(&dir), Vec::<u32>::new());
+    assert!(!dir.exists());
 }

@@ -372,6 +372,11 @@ fn leftovers(dir: &Path, service_pid: u32) -> Vec<String> {
     if !docker::process_gone(&service_pid.to_string()) {
         found.push(format!("service process {service_pid}"));
     }
+    found.extend(
+        podman::processes_of(dir)
+            .into_iter()
+            .map(|pid| format!("process {pid}")),
+    );
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let prefix = dir.display().to_string();
     found.extend(

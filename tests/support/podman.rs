@@ -290,17 +290,12 @@ fn teardown(dir: &Path, service: Option<Child>) {
             }
         }
     }
-    match service {
-        Some(mut child) => {
-            terminate(child.id(), dir);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        None => {
-            if let Ok(pid) = std::fs::read_to_string(dir.join("service.pid")) {
-                terminate_if_ours(pid.trim(), dir);
-            }
-        }
+    // The service, and what it re-executed itself into (a rootless Podman enters a user
+    // namespace through a child): every process whose command line names the directory.
+    stop_processes_of(dir);
+    if let Some(mut child) = service {
+        let _ = child.kill();
+        let _ = child.wait();
     }
     unmount_under(dir);
     if let Err(e) = std::fs::remove_dir_all(dir)
@@ -313,35 +308,52 @@ fn teardown(dir: &Path, service: Option<Child>) {
     }
 }
 
-/// Stops the service `pid` if it is still the one started for `dir` (a pid may have been
-/// reused since): its command line names the socket in `dir`.
-fn terminate_if_ours(pid: &str, dir: &Path) {
-    let Ok(pid) = pid.parse::<u32>() else { return };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let ours = String::from_utf8_lossy(&cmdline).contains(&dir.display().to_string());
-    if ours {
-        terminate(pid, dir);
-        let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
-    }
+/// The live processes whose command line names `dir` (the API service: its socket is there;
+/// conmon: its container's files are).
+pub fn processes_of(dir: &Path) -> Vec<u32> {
+    let needle = format!("{}/", dir.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| !process_gone(&pid.to_string()))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .collect()
 }
 
-/// SIGTERM, then up to 5 s for `pid` to end (the service unmounts its store on the way out).
-fn terminate(pid: u32, dir: &Path) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .stdin(Stdio::null())
-        .status();
+/// SIGTERM to every process of `dir`, up to 5 s for them to end (the service unmounts its store
+/// on the way out), then SIGKILL to what is left.
+fn stop_processes_of(dir: &Path) {
+    let signal = |sig: &str, pids: &[u32]| {
+        for pid in pids {
+            let _ = Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    };
+    let pids = processes_of(dir);
+    if pids.is_empty() {
+        return;
+    }
+    signal("-TERM", &pids);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !process_gone(&pid.to_string()) && Instant::now() < deadline {
+    while !processes_of(dir).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    if !process_gone(&pid.to_string()) {
+    let left = processes_of(dir);
+    if !left.is_empty() {
         eprintln!(
-            "imdsd test harness: the Podman service of {} (pid {pid}) ignored SIGTERM",
+            "imdsd test harness: the Podman service of {} ignored SIGTERM: {left:?}",
             dir.display()
         );
+        signal("-KILL", &left);
     }
 }
 
