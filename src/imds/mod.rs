@@ -408,6 +408,18 @@ impl Imds {
             .into();
         }
         if let Wanted::Token(ttl) = wanted {
+            // A caller in a container network that no known container holds (its container
+            // started a moment ago and the engine has not confirmed it within the wait): a token
+            // now would be bound to no container, and SDKs keep a token for hours, so the
+            // container would be refused with it long after it is known. 503: SDKs retry.
+            if workload.unplaced() {
+                tracing::info!(caller = %workload.ip, "answering 503 to a token request: no known container has this address yet");
+                return Outcome {
+                    response: r.error(StatusCode::SERVICE_UNAVAILABLE),
+                    workload: Some(workload),
+                }
+                .into();
+            }
             return Outcome {
                 response: self.issue_token(&workload, ttl),
                 workload: Some(workload),
@@ -937,6 +949,39 @@ mod tests {
             Arc::new(Metrics::default()),
         );
         (Arc::new(imds), writer)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_no_known_container_holds_gets_no_token_to_keep() {
+        let (imds, mut writer) = unsynced();
+        writer.set_networks(vec![crate::index::Subnet {
+            network: "net".into(),
+            net: "172.18.0.0/16".parse().expect("net"),
+            gateway: Some("172.18.0.1".parse().expect("ip")),
+            served: true,
+        }]);
+        let _ = writer.apply(crate::index::Change::Replace(Vec::new()));
+        writer.set_ready();
+        // After the bounded wait the caller is still nobody's: a token would be bound to nobody,
+        // and its container, once known, would be refused with it for the token's hours.
+        assert_eq!(
+            ask(&imds, Method::PUT, "/latest/api/token", None).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // Without a token, it is the unknown caller it is: no role.
+        let listing = Request::builder()
+            .uri("/latest/meta-data/iam/security-credentials/")
+            .body(())
+            .expect("request");
+        let response = imds
+            .clone()
+            .handle(
+                listing,
+                "172.18.0.2".parse().expect("ip"),
+                &ConnectionCaller::default(),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
     }
 
     async fn ask(imds: &Arc<Imds>, method: Method, path: &str, token: Option<&str>) -> StatusCode {
