@@ -402,14 +402,7 @@ impl Watcher {
     async fn full_sync(&mut self, docker: &Docker, reuse: bool) -> Result<(), SessionError> {
         // A change of the served networks drops what was kept: containers are filtered anew.
         let reuse = !self.refresh_networks(docker).await? && reuse;
-        self.count(1);
-        self.stats.lists.fetch_add(1, Ordering::Relaxed);
-        let running = docker
-            .list_containers(Some(ListContainersOptions {
-                all: false,
-                ..Default::default()
-            }))
-            .await?;
+        let running = self.list_running(docker).await?;
         let gateway = self.gateway_endpoints(docker).await?;
         let index = self.writer.reader();
         let mut containers = Vec::with_capacity(running.len());
@@ -446,6 +439,26 @@ impl Watcher {
             self.watch(&c, pidfd);
         }
         Ok(())
+    }
+
+    /// The running containers. A listing the engine answers with a record imdsd cannot read is
+    /// asked again, a few times: Podman lists a container that is stopping as running and then
+    /// describes it as `stopped`, a state Docker's API does not have.
+    async fn list_running(
+        &self,
+        docker: &Docker,
+    ) -> Result<Vec<bollard::models::ContainerSummary>, SessionError> {
+        let options = ListContainersOptions {
+            all: false,
+            ..Default::default()
+        };
+        retry_unreadable(LIST_ATTEMPTS, || {
+            self.count(1);
+            self.stats.lists.fetch_add(1, Ordering::Relaxed);
+            docker.list_containers(Some(options.clone()))
+        })
+        .await
+        .map_err(SessionError::from)
     }
 
     fn serves_network(&self, name: &str) -> bool {
@@ -629,14 +642,7 @@ impl Watcher {
         if asked.is_empty() {
             return Ok(());
         }
-        self.count(1);
-        self.stats.lists.fetch_add(1, Ordering::Relaxed);
-        let running = docker
-            .list_containers(Some(ListContainersOptions {
-                all: false,
-                ..Default::default()
-            }))
-            .await?;
+        let running = self.list_running(docker).await?;
         let gateway = self.gateway_endpoints(docker).await?;
         let index = self.writer.reader();
         let mut ids: Vec<String> = Vec::new();
@@ -813,6 +819,35 @@ pub async fn network_gateways(options: &DockerOptions) -> Result<Vec<(String, Ip
     match tokio::time::timeout(Duration::from_secs(5), ask).await {
         Ok(result) => result.map_err(|e| e.to_string()),
         Err(_) => Err("no answer within 5 s".into()),
+    }
+}
+
+/// How many times a listing with a record imdsd cannot read is asked for.
+const LIST_ATTEMPTS: usize = 3;
+
+/// `call` until it succeeds, fails otherwise than with an unreadable answer, or has been tried
+/// `attempts` times (20 ms apart): an unreadable answer that is Podman's passing state.
+async fn retry_unreadable<T, F, Fut>(
+    attempts: usize,
+    mut call: F,
+) -> Result<T, bollard::errors::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, bollard::errors::Error>>,
+{
+    let mut tried = 1;
+    loop {
+        match call().await {
+            Err(e)
+                if tried < attempts
+                    && matches!(inspect_failure(&e), InspectFailure::Unreadable { .. }) =>
+            {
+                tracing::debug!(error = %e, "an unreadable answer from the engine: asking again");
+                tried += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -1170,6 +1205,48 @@ mod tests {
             message: "database is locked".into(),
         };
         assert_eq!(inspect_failure(&failing), InspectFailure::Session);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listing_podman_answers_with_a_passing_state_is_asked_for_again() {
+        let stopped = || -> bollard::errors::Error {
+            serde_json::from_value::<bollard::models::ContainerSummary>(
+                serde_json::json!({"Id": "f".repeat(64), "State": "stopped"}),
+            )
+            .expect_err("Docker's API has no state `stopped`")
+            .into()
+        };
+        let mut calls = 0;
+        let listed = retry_unreadable(3, || {
+            calls += 1;
+            let answer = if calls < 3 { Err(stopped()) } else { Ok(calls) };
+            async move { answer }
+        })
+        .await;
+        assert_eq!(listed.expect("the third answer"), 3);
+        // Only so often; and a failing engine is not asked again here.
+        let mut calls = 0;
+        let listed: Result<(), _> = retry_unreadable(3, || {
+            calls += 1;
+            let e = stopped();
+            async move { Err(e) }
+        })
+        .await;
+        assert!(listed.is_err());
+        assert_eq!(calls, 3);
+        let mut calls = 0;
+        let listed: Result<(), _> = retry_unreadable(3, || {
+            calls += 1;
+            async {
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 500,
+                    message: "database is locked".into(),
+                })
+            }
+        })
+        .await;
+        assert!(listed.is_err());
+        assert_eq!(calls, 1);
     }
 
     #[test]
