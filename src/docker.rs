@@ -8,7 +8,8 @@
 //!    containers, inspects the ones the index does not already know, and swaps the result in;
 //! 3. applies events: a container that dies or is destroyed is removed at once, without a round
 //!    trip; a start, rename, update, or network (dis)connect is re-inspected; a periodic resync
-//!    repairs anything missed.
+//!    repairs anything missed. A container whose record cannot be read (Podman's `stopped`, a
+//!    state Docker's API does not have) is not served; it does not end the session.
 //!
 //! When the engine goes away the session ends and the index stops being authoritative: while the
 //! watcher cannot see events, a container may die and another take its address, so callers get a
@@ -32,6 +33,7 @@ use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 
 use crate::index::{Change, Container, Index, IndexWriter, Subnet};
+use crate::liveness::{Monitor, Pidfd};
 
 pub mod synthetic;
 
@@ -206,6 +208,10 @@ pub struct DockerStats {
     /// Sessions that ended with an error (the engine went away, the stream broke).
     pub reconnects: AtomicU64,
     pub connected: AtomicBool,
+    /// Container incarnations whose init process is watched (see [`crate::liveness`]).
+    pub processes_watched: AtomicU64,
+    /// Exits of watched init processes, marked before the engine's events said so, or after.
+    pub exits_seen: Arc<AtomicU64>,
 }
 
 /// Why a session ended.
@@ -238,6 +244,9 @@ pub struct Watcher {
     /// The networks served now, by name: worked out from [`DockerOptions::networks`] whenever the
     /// networks are listed.
     served: BTreeSet<String>,
+    /// Watches the indexed containers' init processes (see [`crate::liveness`]); started with
+    /// the watcher.
+    monitor: Option<Monitor>,
 }
 
 impl Watcher {
@@ -247,6 +256,7 @@ impl Watcher {
             writer,
             stats: Arc::new(DockerStats::default()),
             served: BTreeSet::new(),
+            monitor: None,
         }
     }
 
@@ -266,6 +276,10 @@ impl Watcher {
         if let Some(Ok(n)) = synthetic::count(&self.options.host) {
             return synthetic::run(n, &self.options, &mut self.writer, &self.stats, shutdown).await;
         }
+        self.monitor = Some(Monitor::spawn(
+            self.writer.reader(),
+            self.stats.exits_seen.clone(),
+        ));
         let mut backoff = INITIAL_BACKOFF;
         loop {
             let synced = tokio::select! {
@@ -401,14 +415,7 @@ impl Watcher {
     async fn full_sync(&mut self, docker: &Docker, reuse: bool) -> Result<(), SessionError> {
         // A change of the served networks drops what was kept: containers are filtered anew.
         let reuse = !self.refresh_networks(docker).await? && reuse;
-        self.count(1);
-        self.stats.lists.fetch_add(1, Ordering::Relaxed);
-        let running = docker
-            .list_containers(Some(ListContainersOptions {
-                all: false,
-                ..Default::default()
-            }))
-            .await?;
+        let running = list_running(docker, &self.stats).await?;
         let gateway = gateway_endpoints(docker, &self.served, &self.stats).await?;
         let index = self.writer.reader();
         let mut containers = Vec::with_capacity(running.len());
@@ -432,30 +439,48 @@ impl Watcher {
                 containers.push((*known).clone());
                 continue;
             }
-            if let Some(details) = fetch_details(docker, &id, &self.stats).await? {
-                inspected.push(details);
+            if let Some(found) = fetch_details(docker, &id, &self.stats).await? {
+                inspected.push(found);
             }
         }
+        let mut processes = Vec::new();
         if !inspected.is_empty() {
             // Read again after the records (see `fetch_record`).
             let gateway = gateway_endpoints(docker, &self.served, &self.stats).await?;
-            containers.extend(
-                inspected
-                    .into_iter()
-                    .filter_map(|d| to_container(d, &self.options, &self.served, &gateway)),
-            );
+            for (details, pidfd) in inspected {
+                if let Some(c) = to_container(details, &self.options, &self.served, &gateway) {
+                    if let Some(pidfd) = pidfd {
+                        processes.push((c.clone(), pidfd));
+                    }
+                    containers.push(c);
+                }
+            }
         }
         // A full listing leaves nothing in doubt.
         let _ = self.writer.apply(Change::Replace(containers));
+        for (c, pidfd) in processes {
+            self.watch(&c, pidfd);
+        }
         Ok(())
+    }
+
+    /// Has the monitor watch the init process of `c`, just indexed, unless it already does.
+    fn watch(&self, c: &Container, pidfd: Pidfd) {
+        if let Some(monitor) = &self.monitor
+            && let Some(liveness) = self.writer.liveness_to_watch(c)
+        {
+            self.stats.processes_watched.fetch_add(1, Ordering::Relaxed);
+            monitor.watch(pidfd, liveness, c.addresses.clone());
+        }
     }
 
     fn serves_network(&self, name: &str) -> bool {
         self.served.contains(name)
     }
 
-    fn to_container(&self, record: Record) -> Option<Container> {
+    fn to_container(&self, record: Record) -> Option<(Container, Option<Pidfd>)> {
         to_container(record.details, &self.options, &self.served, &record.gateway)
+            .map(|c| (c, record.pidfd))
     }
 
     /// Lists the networks: their subnets tell container callers from the host, and the scope
@@ -623,16 +648,21 @@ impl Watcher {
                 if !work.is_current(&id, asked_at) {
                     return Ok(());
                 }
-                let change = match record?.and_then(|r| self.to_container(*r)) {
-                    Some(c) if overtaken(&self.writer.reader(), &work.applied, &c, asked_at) => {
+                match record?.and_then(|r| self.to_container(*r)) {
+                    Some((c, _))
+                        if overtaken(&self.writer.reader(), &work.applied, &c, asked_at) =>
+                    {
                         // Older than the record that holds one of its addresses: asked again.
                         work.inspect(id);
-                        return Ok(());
                     }
-                    Some(c) => Change::Upsert(c),
-                    None => Change::Remove { id },
-                };
-                self.apply(change, work);
+                    Some((c, pidfd)) => {
+                        self.apply(Change::Upsert(c.clone()), work);
+                        if let Some(pidfd) = pidfd {
+                            self.watch(&c, pidfd);
+                        }
+                    }
+                    None => self.apply(Change::Remove { id }, work),
+                }
             }
             Done::Listed { asked, holders } => {
                 let index = self.writer.reader();
@@ -652,11 +682,12 @@ impl Watcher {
     }
 }
 
-/// What the engine said of one container: its record, and the `docker_gwbridge` endpoints when
-/// that bridge is served.
+/// What the engine said of one container: its record, the `docker_gwbridge` endpoints when
+/// that bridge is served, and its init process when it could be opened.
 struct Record {
     details: ContainerInspectResponse,
     gateway: HashMap<String, Vec<IpAddr>>,
+    pidfd: Option<Pidfd>,
 }
 
 /// A finished round trip to the engine.
@@ -810,14 +841,7 @@ async fn holders_of(
     stats: &DockerStats,
     asked: &[IpAddr],
 ) -> Result<Vec<String>, SessionError> {
-    stats.api_calls.fetch_add(1, Ordering::Relaxed);
-    stats.lists.fetch_add(1, Ordering::Relaxed);
-    let running = docker
-        .list_containers(Some(ListContainersOptions {
-            all: false,
-            ..Default::default()
-        }))
-        .await?;
+    let running = list_running(docker, stats).await?;
     let gateway = gateway_endpoints(docker, served, stats).await?;
     Ok(running
         .into_iter()
@@ -845,31 +869,65 @@ async fn fetch_record(
     served: &BTreeSet<String>,
     stats: &DockerStats,
 ) -> Result<Option<Record>, SessionError> {
-    let Some(details) = fetch_details(docker, id, stats).await? else {
+    let Some((details, pidfd)) = fetch_details(docker, id, stats).await? else {
         return Ok(None);
     };
     // Read after the container's own record: an address listed now belongs to the container
     // found running (or to a later run of it), never to a predecessor on that address.
     let gateway = gateway_endpoints(docker, served, stats).await?;
-    Ok(Some(Record { details, gateway }))
+    Ok(Some(Record {
+        details,
+        gateway,
+        pidfd,
+    }))
 }
 
-/// A running container's record with its service's labels, or `None` if it is gone or stopped
-/// (nothing more is asked about a container that is not running).
+/// The running containers. A listing the engine answers with a record imdsd cannot read is
+/// asked again, a few times: Podman lists a container that is stopping as running and then
+/// describes it as `stopped`, a state Docker's API does not have.
+async fn list_running(
+    docker: &Docker,
+    stats: &DockerStats,
+) -> Result<Vec<bollard::models::ContainerSummary>, SessionError> {
+    let options = ListContainersOptions {
+        all: false,
+        ..Default::default()
+    };
+    retry_unreadable(LIST_ATTEMPTS, || {
+        stats.api_calls.fetch_add(1, Ordering::Relaxed);
+        stats.lists.fetch_add(1, Ordering::Relaxed);
+        docker.list_containers(Some(options.clone()))
+    })
+    .await
+    .map_err(SessionError::from)
+}
+
+/// A running container's record with its service's labels, and its init process when it can
+/// be opened; `None` if it is gone, stopped or unreadable (nothing more is asked about a
+/// container that is not running).
 async fn fetch_details(
     docker: &Docker,
     id: &str,
     stats: &DockerStats,
-) -> Result<Option<ContainerInspectResponse>, SessionError> {
+) -> Result<Option<(ContainerInspectResponse, Option<Pidfd>)>, SessionError> {
     stats.api_calls.fetch_add(1, Ordering::Relaxed);
     stats.inspects.fetch_add(1, Ordering::Relaxed);
     let mut details = match docker.inspect_container(id, None).await {
         Ok(details) => details,
-        // Gone between the event and the inspect.
-        Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) => return Ok(None),
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            return match inspect_failure(&e) {
+                InspectFailure::Gone => Ok(None),
+                InspectFailure::Unreadable { expected } => {
+                    if expected {
+                        tracing::debug!(container = %short(id), error = %e, "a container between its exit and its cleanup: not served");
+                    } else {
+                        tracing::warn!(container = %short(id), error = %e, "the engine's record of this container cannot be read: it gets no role until it can");
+                    }
+                    Ok(None)
+                }
+                InspectFailure::Session => Err(e.into()),
+            };
+        }
     };
     let running = details
         .state
@@ -878,8 +936,16 @@ async fn fetch_details(
     if !running {
         return Ok(None);
     }
+    // Opened right after the record that names it, so the pid is the record's own (and the
+    // cgroup check in `Pidfd::open` catches a pid reused meanwhile).
+    let pidfd = details
+        .state
+        .as_ref()
+        .and_then(|s| s.pid)
+        .filter(|p| *p > 0)
+        .and_then(|p| Pidfd::open(p, id));
     add_service_labels(docker, stats, &mut details).await?;
-    Ok(Some(details))
+    Ok(Some((details, pidfd)))
 }
 
 /// A Swarm task's address on `docker_gwbridge`, by container id: the engine lists it only in
@@ -980,6 +1046,75 @@ pub async fn network_gateways(options: &DockerOptions) -> Result<Vec<(String, Ip
     match tokio::time::timeout(Duration::from_secs(5), ask).await {
         Ok(result) => result.map_err(|e| e.to_string()),
         Err(_) => Err("no answer within 5 s".into()),
+    }
+}
+
+/// How many times a listing with a record imdsd cannot read is asked for.
+const LIST_ATTEMPTS: usize = 3;
+
+/// `call` until it succeeds, fails otherwise than with an unreadable answer, or has been tried
+/// `attempts` times (20 ms apart): an unreadable answer that is Podman's passing state.
+async fn retry_unreadable<T, F, Fut>(
+    attempts: usize,
+    mut call: F,
+) -> Result<T, bollard::errors::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, bollard::errors::Error>>,
+{
+    let mut tried = 1;
+    loop {
+        match call().await {
+            Err(e)
+                if tried < attempts
+                    && matches!(inspect_failure(&e), InspectFailure::Unreadable { .. }) =>
+            {
+                tracing::debug!(error = %e, "an unreadable answer from the engine: asking again");
+                tried += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// What a failed inspect means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InspectFailure {
+    /// The container is gone (between the event and the inspect): it holds no address.
+    Gone,
+    /// The engine answered with a record imdsd cannot read. A container imdsd cannot read is
+    /// one it cannot vouch for: it holds no address (its callers are unknown) until a later
+    /// record can be read, and the session goes on for everyone else. `expected` for the one
+    /// case known to be harmless: Podman reports the state `stopped`, which Docker's API does
+    /// not have, between a container's exit and its cleanup.
+    Unreadable { expected: bool },
+    /// Anything else (the engine is unreachable or failing): the session ends.
+    Session,
+}
+
+pub(crate) fn inspect_failure(e: &bollard::errors::Error) -> InspectFailure {
+    use bollard::errors::Error;
+    match e {
+        Error::DockerResponseServerError {
+            status_code: 404, ..
+        } => InspectFailure::Gone,
+        // Podman 4.3 answers 500 for a container removed while it looked it up.
+        Error::DockerResponseServerError {
+            status_code: 500,
+            message,
+        } if message.contains("does not exist in database")
+            || message.contains("no such container") =>
+        {
+            InspectFailure::Gone
+        }
+        Error::JsonDataError { message, .. } => InspectFailure::Unreadable {
+            expected: message.contains("`stopped`"),
+        },
+        Error::JsonSerdeError { err } => InspectFailure::Unreadable {
+            expected: err.to_string().contains("`stopped`"),
+        },
+        _ => InspectFailure::Session,
     }
 }
 
@@ -1260,6 +1395,92 @@ mod tests {
         assert_eq!(c.addresses.len(), 1);
         let d = details(true, &[("other", "172.19.0.2")]);
         assert!(to_container(d, &options(), &served(&["served"]), &HashMap::new()).is_none());
+    }
+
+    #[test]
+    fn a_container_gone_or_unreadable_is_not_served_and_does_not_end_the_session() {
+        // Podman 4.3's record of a container that has exited but is not cleaned up yet.
+        let stopped = serde_json::json!({
+            "Id": "f".repeat(64),
+            "State": {"Status": "stopped", "Running": false, "Pid": 0, "ExitCode": 0},
+            "Name": "/app"
+        });
+        let err = serde_json::from_value::<ContainerInspectResponse>(stopped)
+            .expect_err("Docker's API has no state `stopped`");
+        assert_eq!(
+            inspect_failure(&err.into()),
+            InspectFailure::Unreadable { expected: true }
+        );
+        let odd = serde_json::from_value::<ContainerInspectResponse>(serde_json::json!({
+            "Id": "f".repeat(64),
+            "State": {"Status": "hibernating", "Running": true},
+        }))
+        .expect_err("an unknown state");
+        assert_eq!(
+            inspect_failure(&odd.into()),
+            InspectFailure::Unreadable { expected: false }
+        );
+        let gone = bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            message: "no such container".into(),
+        };
+        assert_eq!(inspect_failure(&gone), InspectFailure::Gone);
+        // What Podman says of a container removed while it looked it up.
+        let removed = bollard::errors::Error::DockerResponseServerError {
+            status_code: 500,
+            message: format!(
+                "container {} does not exist in database: no such container",
+                "f".repeat(64)
+            ),
+        };
+        assert_eq!(inspect_failure(&removed), InspectFailure::Gone);
+        let failing = bollard::errors::Error::DockerResponseServerError {
+            status_code: 500,
+            message: "database is locked".into(),
+        };
+        assert_eq!(inspect_failure(&failing), InspectFailure::Session);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listing_podman_answers_with_a_passing_state_is_asked_for_again() {
+        let stopped = || -> bollard::errors::Error {
+            serde_json::from_value::<bollard::models::ContainerSummary>(
+                serde_json::json!({"Id": "f".repeat(64), "State": "stopped"}),
+            )
+            .expect_err("Docker's API has no state `stopped`")
+            .into()
+        };
+        let mut calls = 0;
+        let listed = retry_unreadable(3, || {
+            calls += 1;
+            let answer = if calls < 3 { Err(stopped()) } else { Ok(calls) };
+            async move { answer }
+        })
+        .await;
+        assert_eq!(listed.expect("the third answer"), 3);
+        // Only so often; and a failing engine is not asked again here.
+        let mut calls = 0;
+        let listed: Result<(), _> = retry_unreadable(3, || {
+            calls += 1;
+            let e = stopped();
+            async move { Err(e) }
+        })
+        .await;
+        assert!(listed.is_err());
+        assert_eq!(calls, 3);
+        let mut calls = 0;
+        let listed: Result<(), _> = retry_unreadable(3, || {
+            calls += 1;
+            async {
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 500,
+                    message: "database is locked".into(),
+                })
+            }
+        })
+        .await;
+        assert!(listed.is_err());
+        assert_eq!(calls, 1);
     }
 
     #[test]

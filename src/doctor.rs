@@ -36,7 +36,7 @@ use crate::config::{self, Config, Parsed, SourceConfig};
 use crate::credentials::fake::FakeSource;
 use crate::credentials::sts::{StsSetupError, StsSource};
 use crate::credentials::{AssumeRequest, CredentialSource, SourceError};
-use crate::docker::{DockerOptions, NetworkInfo, NetworkScope, served_networks};
+use crate::docker::{DockerOptions, InspectFailure, NetworkInfo, NetworkScope, served_networks};
 use crate::identity::container::{self, Decision};
 use crate::identity::role::{AccountContext, RoleArn};
 use crate::index::Container;
@@ -55,6 +55,9 @@ pub struct DoctorArgs {
 
 /// Each Docker Engine call. A healthy engine answers in milliseconds.
 const DOCKER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The engine's `/info`, which Podman answers only after asking every tool it uses for its
+/// version (seconds on a busy host).
+const INFO_TIMEOUT: Duration = Duration::from_secs(20);
 /// Resolving the operator's identity and `GetCallerIdentity`. Longer than the others because the
 /// SDK retries a failed attempt itself (5 s per attempt), and its own error says more than ours.
 const STS_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -338,6 +341,10 @@ enum DockerState {
 /// The engine as the daemon would see it.
 #[derive(Debug, Default)]
 struct Survey {
+    /// "Docker" or "Podman", for messages.
+    engine: &'static str,
+    /// The engine runs rootless (see [`rootless`]).
+    rootless: bool,
     networks: Vec<NetworkInfo>,
     /// The networks whose containers the daemon would serve.
     served_networks: BTreeSet<String>,
@@ -357,6 +364,23 @@ async fn check_docker(report: &mut Report, options: Option<&DockerOptions>) -> D
         return DockerState::Disabled;
     };
     match survey(options).await {
+        Ok((summary, survey)) if survey.rootless => {
+            report.fail(
+                DOCKER,
+                format!(
+                    "{} answers: {summary}; it runs rootless, so its containers' addresses live \
+                     in the user's own network namespace (slirp4netns, pasta or RootlessKit): \
+                     imdsd on the host can neither be reached at a network's gateway nor tell \
+                     callers apart",
+                    options.host,
+                ),
+                "use the rootful engine: for Podman, `sudo systemctl enable --now podman.socket` \
+                 and --docker-host unix:///run/podman/podman.sock (or CONTAINER_HOST), with \
+                 networks from `sudo imdsd network up --engine podman`; for Docker, the system \
+                 daemon at unix:///var/run/docker.sock",
+            );
+            DockerState::Unavailable
+        }
         Ok((summary, survey)) => {
             report.pass(DOCKER, format!("{} answers: {summary}", options.host));
             check_served_networks(report, options, &survey);
@@ -391,6 +415,61 @@ async fn check_docker(report: &mut Report, options: Option<&DockerOptions>) -> D
             DockerState::Unavailable
         }
     }
+}
+
+/// Whether the engine at `host` runs rootless. Podman says so in a field of its own in `/info`
+/// (`Rootless`, which Docker's API and so bollard's model do not have: read from the raw
+/// answer), Docker in `SecurityOptions` (`name=rootless`).
+async fn engine_rootless(docker: &Docker, host: &str) -> Result<bool, String> {
+    // Podman gathers a lot for /info (every tool's version): seconds, not milliseconds.
+    let Some(path) = host.strip_prefix("unix://") else {
+        let info = bounded(INFO_TIMEOUT, docker.info()).await?;
+        return Ok(rootless(
+            info.security_options.as_deref().unwrap_or_default(),
+            false,
+            host,
+        ));
+    };
+    let info = bounded(INFO_TIMEOUT, raw_get(path, "/info")).await?;
+    let options: Vec<String> = info["SecurityOptions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.as_str().map(str::to_string))
+        .collect();
+    Ok(rootless(
+        &options,
+        info["Rootless"].as_bool() == Some(true),
+        host,
+    ))
+}
+
+/// `GET path` on the engine's unix socket, its JSON body.
+async fn raw_get(socket: &str, path: &str) -> std::io::Result<serde_json::Value> {
+    let mut stream = tokio::net::UnixStream::connect(socket).await?;
+    // HTTP/1.0: the engine answers without chunking and closes.
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: engine\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let body = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(&response[..0], |at| &response[at + 4..]);
+    serde_json::from_slice(body)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Whether an engine is rootless, from what `/info` says (Podman's `Rootless`; Docker's
+/// `SecurityOptions` holding `name=rootless`) or, failing that, its socket's path (a user's
+/// runtime directory, `/run/user/<uid>/…`).
+fn rootless(security_options: &[String], podman_rootless: bool, host: &str) -> bool {
+    podman_rootless
+        || security_options
+            .iter()
+            .any(|o| o.split(',').any(|kv| kv.trim() == "name=rootless"))
+        || host.starts_with("unix:///run/user/")
 }
 
 /// How to fix a Docker connection problem, most likely cause first.
@@ -432,6 +511,15 @@ async fn survey(options: &DockerOptions) -> Result<(String, Survey), String> {
     let version = bounded(DOCKER_TIMEOUT, docker.version())
         .await
         .map_err(|e| format!("version: {e}"))?;
+    // Podman says so in its components (Docker's are "Engine", containerd, runc…).
+    let podman = version
+        .components
+        .iter()
+        .flatten()
+        .any(|c| c.name == "Podman Engine");
+    let rootless = engine_rootless(&docker, &options.host)
+        .await
+        .map_err(|e| format!("info: {e}"))?;
     let running = bounded(
         DOCKER_TIMEOUT,
         docker.list_containers(Some(ListContainersOptions {
@@ -457,6 +545,8 @@ async fn survey(options: &DockerOptions) -> Result<(String, Survey), String> {
         _ => Vec::new(),
     };
     let mut survey = Survey {
+        engine: if podman { "Podman" } else { "Docker" },
+        rootless,
         served_networks: served_networks(&options.networks, &networks, &local),
         networks,
         ..Survey::default()
@@ -500,10 +590,13 @@ async fn survey(options: &DockerOptions) -> Result<(String, Survey), String> {
                     survey.served.push(c);
                 }
             }
-            // Stopped between the listing and the inspect: nothing to check.
-            Ok(Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            })) => {}
+            // Stopped between the listing and the inspect (gone, or Podman's `stopped` record
+            // before its cleanup): nothing to check.
+            Ok(Err(e))
+                if matches!(
+                    crate::docker::inspect_failure(&e),
+                    InspectFailure::Gone | InspectFailure::Unreadable { expected: true }
+                ) => {}
             Ok(Err(e)) => return Err(format!("inspecting {name}: {}", error_chain(&e))),
             Err(_) => {
                 return Err(format!(
@@ -515,7 +608,8 @@ async fn survey(options: &DockerOptions) -> Result<(String, Survey), String> {
     }
 
     let summary = format!(
-        "Docker Engine {} (API {}), {count} running container{}, {} network{}",
+        "{} {} (API {}), {count} running container{}, {} network{}",
+        if podman { "Podman" } else { "Docker Engine" },
         version.version.as_deref().unwrap_or("?"),
         version.api_version.as_deref().unwrap_or("?"),
         plural(count),
@@ -531,8 +625,9 @@ fn check_served_networks(report: &mut Report, options: &DockerOptions, survey: &
         report.fail(
             NETWORKS,
             format!(
-                "no Docker network is served ({}), so no container can get a role; a container \
+                "no {} network is served ({}), so no container can get a role; a container \
                  calling from any network is refused",
+                survey.engine,
                 options.networks.describe()
             ),
             "listen on the metadata network's address (host mode: `imdsd network up`, then \
@@ -902,10 +997,34 @@ async fn check_listen(
         let on_host = match crate::server::bind_all(&[SocketAddr::new(ip, 0)]).await {
             Ok(_) => true,
             Err(e) => {
-                let holder = match docker {
-                    DockerState::Ready(survey) => survey.holders.get(&ip),
+                let survey = match docker {
+                    DockerState::Ready(survey) => Some(survey),
                     _ => None,
                 };
+                let holder = survey.and_then(|s| s.holders.get(&ip));
+                // The daemon binds a network's gateway ahead (IP_FREEBIND): Podman puts it on the
+                // bridge only while a container is attached.
+                let gateway_of = survey.and_then(|s| {
+                    s.networks
+                        .iter()
+                        .find(|n| n.subnets.iter().any(|(_, g)| *g == Some(ip)))
+                        .map(|n| (s.engine, n.name.as_str()))
+                });
+                if let Some((engine, network)) = gateway_of {
+                    report.pass(
+                        LISTEN,
+                        format!(
+                            "{addr}: not an address of this host yet: the gateway of {engine} \
+                             network {network}, which the engine puts on the network's bridge \
+                             with its first container; imdsd listens there ahead of it"
+                        ),
+                    );
+                    out.push(ListenAddr {
+                        addr,
+                        on_host: false,
+                    });
+                    continue;
+                }
                 match holder {
                     // The compose layout: imdsd runs in that container, and the doctor outside it.
                     Some((name, network)) if answers_like_imds(addr).await => report.pass(
@@ -1124,9 +1243,17 @@ fn classify_network(
         Some((n, subnet, Some(gateway))) if *gateway == ip => (
             Status::Pass,
             format!(
-                "{ip} is the gateway of Docker network {} ({subnet}): host layout; the host has \
-                 this address and containers on {} reach imdsd directly",
-                n.name, n.name
+                "{ip} is the gateway of {} network {} ({subnet}): host layout; {} containers on \
+                 {} reach imdsd directly",
+                survey.engine,
+                n.name,
+                if on_host {
+                    "the host has this address and"
+                } else {
+                    "the engine puts the address on the bridge with the network's first \
+                     container (imdsd listens there ahead of it), and then"
+                },
+                n.name
             ),
             None,
         ),
@@ -1142,9 +1269,9 @@ fn classify_network(
             (
                 Status::Pass,
                 format!(
-                    "{ip} is a container address in Docker network {} ({subnet}): compose \
+                    "{ip} is a container address in {} network {} ({subnet}): compose \
                      layout; {holder}",
-                    n.name
+                    survey.engine, n.name
                 ),
                 None,
             )
@@ -1523,6 +1650,8 @@ mod tests {
 
     fn survey() -> Survey {
         Survey {
+            engine: "Docker",
+            rootless: false,
             networks: vec![
                 NetworkInfo {
                     name: "bridge".into(),
@@ -1553,6 +1682,32 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
+    }
+
+    #[test]
+    fn a_rootless_engine_is_told_by_its_security_options_or_its_socket() {
+        let opts = |o: &[&str]| o.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
+        // Podman 4.3 rootless: its own field; Docker rootless: a security option.
+        assert!(rootless(
+            &opts(&["name=seccomp,profile=default"]),
+            true,
+            "unix:///tmp/podman.sock"
+        ));
+        assert!(rootless(
+            &opts(&["name=seccomp,profile=default", "name=rootless"]),
+            false,
+            "unix:///tmp/docker.sock"
+        ));
+        assert!(rootless(
+            &opts(&[]),
+            false,
+            "unix:///run/user/1000/podman/podman.sock"
+        ));
+        assert!(!rootless(
+            &opts(&["name=seccomp,profile=default", "name=cgroupns"]),
+            false,
+            "unix:///run/podman/podman.sock"
+        ));
     }
 
     #[test]

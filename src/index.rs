@@ -20,6 +20,14 @@
 //! the index cannot place (an address in a served network that no known container owns) makes the
 //! index [`ask`](Index::ask) the watcher to look now, rather than only wait for an event: some
 //! engines (Podman) deliver events a quarter of a second late.
+//!
+//! Exits: the engine's events may come late (Podman's by a quarter of a second, Docker's behind
+//! a backlog of re-inspections), and a container removed while running can be followed on its
+//! address by a new one that asks before the old one's `die` is applied. So each container
+//! incarnation has a [`Liveness`], which `crate::liveness` sets the moment the kernel says its
+//! init process exited: an exited owner's addresses are looked up as nobody's, like an owner in
+//! doubt, and the watcher is asked to look. (The engine frees an address only after its
+//! container's init has exited, so the mark always comes first.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -118,6 +126,8 @@ struct State {
     /// as the identity memo is.
     by_ip: foldhash::HashMap<IpAddr, Owner>,
     by_id: HashMap<String, Arc<Container>>,
+    /// Each indexed incarnation's [`Liveness`], by [`Container::binding`].
+    liveness: HashMap<String, Arc<Liveness>>,
     /// The subnets of the Docker networks in view.
     subnets: Vec<Subnet>,
 }
@@ -143,14 +153,33 @@ struct Owner {
     /// The index is not sure the address is still this container's: it is nobody's until the
     /// engine has been asked (see the module notes).
     in_doubt: bool,
+    liveness: Arc<Liveness>,
 }
 
 impl Owner {
-    fn certain(container: Arc<Container>) -> Self {
-        Owner {
-            container,
-            in_doubt: false,
-        }
+    /// Whether the address is this container's beyond doubt: not in doubt, and its init process
+    /// not seen to exit.
+    fn sure(&self) -> bool {
+        !self.in_doubt && !self.liveness.exited()
+    }
+}
+
+/// What the kernel says of one container incarnation's init process (see `crate::liveness`).
+#[derive(Debug, Default)]
+pub struct Liveness {
+    exited: AtomicBool,
+    watched: AtomicBool,
+}
+
+impl Liveness {
+    /// Records that the init process exited: from now on the container's addresses are nobody's
+    /// (until the engine has been asked who holds them).
+    pub fn set_exited(&self) {
+        self.exited.store(true, Ordering::Release);
+    }
+
+    pub fn exited(&self) -> bool {
+        self.exited.load(Ordering::Acquire)
     }
 }
 
@@ -159,6 +188,8 @@ struct Shared {
     /// Addresses callers came from that the index could not place, for the watcher to look up.
     asks: Mutex<Vec<IpAddr>>,
     asked: Notify,
+    /// Callers the index could not place when they asked (see [`Index::unplaced_callers`]).
+    unplaced: AtomicU64,
     changed: Notify,
     generation: AtomicU64,
     ready: AtomicBool,
@@ -196,6 +227,7 @@ pub fn index() -> (Index, IndexWriter) {
         state: RwLock::new(State::default()),
         asks: Mutex::new(Vec::new()),
         asked: Notify::new(),
+        unplaced: AtomicU64::new(0),
         changed: Notify::new(),
         generation: AtomicU64::new(0),
         ready: AtomicBool::new(false),
@@ -216,8 +248,15 @@ impl Index {
         self.read()
             .by_ip
             .get(&ip.to_canonical())
-            .filter(|o| !o.in_doubt)
+            .filter(|o| o.sure())
             .map(|o| o.container.clone())
+    }
+
+    /// Wakes everyone waiting for a change, and connections that remember their caller look it
+    /// up again: for what changes outside the writer (a container's exit, see [`Liveness`]).
+    pub fn wake(&self) {
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
+        self.shared.changed.notify_waiters();
     }
 
     /// Asks the watcher to find out now who owns `ip` (an address in a served network that the
@@ -265,6 +304,7 @@ impl Index {
                     Some(s) if !s.served => return Lookup::Unserved(s.network),
                     Some(_) if !asked => {
                         // A container the index does not know (yet), or no longer trusts.
+                        self.shared.unplaced.fetch_add(1, Ordering::Relaxed);
                         self.ask(ip);
                         asked = true;
                     }
@@ -303,21 +343,29 @@ impl Index {
         self.read().subnets.clone()
     }
 
-    /// The container that held `ip` when the index fell in doubt about it, if it is.
+    /// The container that held `ip` when the index fell in doubt about it (or saw its init
+    /// exit), if it is.
     pub fn owner_in_doubt(&self, ip: IpAddr) -> Option<Arc<Container>> {
         self.read()
             .by_ip
             .get(&ip.to_canonical())
-            .filter(|o| o.in_doubt)
+            .filter(|o| !o.sure())
             .map(|o| o.container.clone())
     }
 
-    /// Whether the owner of `ip` is in doubt (for the admin API and tests).
+    /// How many callers the index could not place when they asked, and asked the watcher about:
+    /// containers that asked before their start event came, or on an address in doubt (for
+    /// tests).
+    pub fn unplaced_callers(&self) -> u64 {
+        self.shared.unplaced.load(Ordering::Relaxed)
+    }
+
+    /// Whether the owner of `ip` is in doubt, or exited (for the admin API and tests).
     pub fn in_doubt(&self, ip: IpAddr) -> bool {
         self.read()
             .by_ip
             .get(&ip.to_canonical())
-            .is_some_and(|o| o.in_doubt)
+            .is_some_and(|o| !o.sure())
     }
 
     /// Every container, for the admin API and resubscribers.
@@ -385,6 +433,9 @@ impl IndexWriter {
                             insert(&mut state, old);
                         }
                         Some(old) => {
+                            if old.binding() != container.binding() {
+                                state.liveness.remove(&old.binding());
+                            }
                             events.push(IndexEvent::Removed(old));
                             events.push(IndexEvent::Added(container.clone()));
                             insert(&mut state, container.clone());
@@ -418,12 +469,17 @@ impl IndexWriter {
                 }
                 Change::Remove { id } => {
                     if let Some(old) = remove(&mut state, &id) {
+                        state.liveness.remove(&old.binding());
                         events.push(IndexEvent::Removed(old));
                     }
                 }
                 Change::Replace(containers) => {
                     state.by_ip.clear();
                     state.by_id.clear();
+                    // The incarnations listed again keep what the kernel said of them.
+                    let listed: std::collections::HashSet<String> =
+                        containers.iter().map(Container::binding).collect();
+                    state.liveness.retain(|binding, _| listed.contains(binding));
                     for c in containers {
                         insert(&mut state, Arc::new(c));
                     }
@@ -443,6 +499,14 @@ impl IndexWriter {
             let _ = self.shared.events.send(e);
         }
         doubtful
+    }
+
+    /// The [`Liveness`] of container `c`'s incarnation, for the one who will watch its init
+    /// process: `None` if it is not in the index, or already watched.
+    pub fn liveness_to_watch(&self, c: &Container) -> Option<Arc<Liveness>> {
+        let state = self.shared.state.read().unwrap_or_else(|e| e.into_inner());
+        let liveness = state.liveness.get(&c.binding())?;
+        (!liveness.watched.swap(true, Ordering::AcqRel)).then(|| liveness.clone())
     }
 
     /// Waits until a reader [asks](Index::ask) about an address (returns at once if one did
@@ -494,12 +558,18 @@ impl IndexWriter {
     }
 }
 
-/// Adds `c`, which owns its addresses from now on, certainly.
+/// Adds `c`, which owns its addresses from now on, certainly (unless its init was seen to exit).
 fn insert(state: &mut State, c: Arc<Container>) {
+    let liveness = state.liveness.entry(c.binding()).or_default().clone();
     for ip in &c.addresses {
-        state
-            .by_ip
-            .insert(ip.to_canonical(), Owner::certain(c.clone()));
+        state.by_ip.insert(
+            ip.to_canonical(),
+            Owner {
+                container: c.clone(),
+                in_doubt: false,
+                liveness: liveness.clone(),
+            },
+        );
     }
     state.by_id.insert(c.id.clone(), c);
 }
@@ -671,6 +741,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_container_whose_init_exited_is_nobodys_even_before_the_engine_says_so() {
+        let (index, mut w) = index();
+        synced_on_10_0(&mut w);
+        let a = container("a", "t1", &["10.0.0.2"]);
+        let _ = w.apply(Change::Upsert(a.clone()));
+        let liveness = w
+            .liveness_to_watch(&a)
+            .expect("in the index, not watched yet");
+        assert!(w.liveness_to_watch(&a).is_none(), "watched once");
+        // The kernel says A's init exited; the engine's `die` has not come.
+        liveness.set_exited();
+        assert!(index.lookup(ip("10.0.0.2")).is_none(), "not A's any more");
+        assert!(index.in_doubt(ip("10.0.0.2")));
+        assert_eq!(index.owner_in_doubt(ip("10.0.0.2")).expect("held").id, a.id);
+        // A record of A read before it exited does not bring it back: the incarnation is the same.
+        let _ = w.apply(Change::Upsert(a.clone()));
+        assert!(index.lookup(ip("10.0.0.2")).is_none());
+        let _ = w.apply(Change::Replace(vec![a.clone()]));
+        assert!(index.lookup(ip("10.0.0.2")).is_none(), "nor does a listing");
+        // B, started on A's address, is B's at once.
+        let _ = w.apply(Change::Upsert(container("b", "t2", &["10.0.0.2"])));
+        assert_eq!(index.lookup(ip("10.0.0.2")).expect("B's").name, "name-b");
+        // A new incarnation of A (restarted) is watched anew.
+        let _ = w.apply(Change::Remove { id: a.id.clone() });
+        let a2 = container("a", "t3", &["10.0.0.3"]);
+        let _ = w.apply(Change::Upsert(a2.clone()));
+        assert!(w.liveness_to_watch(&a2).is_some());
+        assert_eq!(
+            index.lookup(ip("10.0.0.3")).expect("A's again").name,
+            "name-a"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_caller_the_index_cannot_place_asks_the_watcher_once() {
         let (index, mut w) = index();
         synced_on_10_0(&mut w);
@@ -686,6 +790,7 @@ mod tests {
             .await
             .expect("asked at once, not after the wait");
         assert_eq!(w.take_asks(), vec![ip("10.0.0.9")]);
+        assert_eq!(index.unplaced_callers(), 1);
         // The watcher's answer ends the wait.
         let _ = w.apply(Change::Upsert(container("late", "t1", &["10.0.0.9"])));
         let found = waiter.await.expect("join");

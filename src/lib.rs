@@ -22,6 +22,7 @@ pub mod identity;
 pub mod imds;
 pub mod index;
 pub mod instance;
+pub mod liveness;
 pub mod log_writer;
 pub mod logging;
 pub mod metrics;

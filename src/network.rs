@@ -18,9 +18,16 @@
 //!   169.254.169.254 on their default route. Labelled `imdsd.managed=true` like the host
 //!   layout's network; `down` removes only that, and only once the node has left the swarm.
 //!
-//! Everything is done with the operator's own tools (`docker`, `ip`, `iptables`), so `--dry-run`
-//! can print exactly the commands it would run, and an operator can check or undo any step by
-//! hand. `iptables` is whichever variant the host selects: iptables-nft takes the same commands, so
+//! Everything is done with the operator's own tools (`docker` or `podman`, `ip`, `iptables`), so
+//! `--dry-run` can print exactly the commands it would run, and an operator can check or undo any
+//! step by hand.
+//!
+//! Engines (`--engine`): Docker, or rootful Podman, whose networks (netavark) differ in what
+//! matters here: a network's bridge, with its gateway address, exists only while a container is
+//! attached (imdsd binds the address ahead), the bridge is named with `--interface-name` (a
+//! Podman too old for it names it `podmanN` itself), and the network's record lists no
+//! containers (`podman ps --filter network=…` does). Rootless Podman is refused: its containers'
+//! addresses live in the user's own network namespace, out of reach of imdsd on the host. `iptables` is whichever variant the host selects: iptables-nft takes the same commands, so
 //! nftables hosts need no separate path (Docker itself uses the same `iptables`).
 //!
 //! Output: one line per step on stdout (`added:`, `exists:`, `removed:`, `absent:`, and `next:` /
@@ -53,6 +60,8 @@ const METADATA_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 const METADATA_PORT: u16 = 80;
 const DEFAULT_BRIDGE: &str = "imdsd0";
 const DEFAULT_BRIDGE_INTERFACE: &str = "docker0";
+/// The bridge of Podman's default network.
+const PODMAN_BRIDGE_INTERFACE: &str = "podman0";
 const DEFAULT_PORT: u16 = 8169;
 
 const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
@@ -114,6 +123,56 @@ impl fmt::Display for Layout {
     }
 }
 
+/// The container engine whose networks are set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    Docker,
+    /// Rootful Podman (netavark).
+    Podman,
+}
+
+impl Engine {
+    fn program(self) -> &'static str {
+        match self {
+            Engine::Docker => "docker",
+            Engine::Podman => "podman",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Docker => "Docker",
+            Engine::Podman => "Podman",
+        }
+    }
+
+    /// The engine an operator who did not say means: Podman when its own variable
+    /// (`CONTAINER_HOST`) is set or `DOCKER_HOST` names a Podman socket, or when there is a
+    /// `podman` but no `docker` on `PATH`; Docker otherwise.
+    fn detect(env: &dyn Fn(&str) -> Option<String>, on_path: &dyn Fn(&str) -> bool) -> Engine {
+        let set = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+        if set("CONTAINER_HOST").is_some()
+            || set("DOCKER_HOST").is_some_and(|h| h.contains("podman"))
+            || (!on_path("docker") && on_path("podman"))
+        {
+            Engine::Podman
+        } else {
+            Engine::Docker
+        }
+    }
+}
+
+/// Whether an executable `program` is on `PATH`.
+fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
 /// The layout's settings. Each applies to some layouts only; giving one to another layout is an
 /// error rather than silently ignored. They are accepted before or after `up`/`down`.
 #[derive(Debug, Clone, clap::Args)]
@@ -121,6 +180,12 @@ pub struct NetworkOptions {
     /// The layout to set up or remove.
     #[arg(long, value_enum, default_value_t = Layout::Host, global = true)]
     pub layout: Layout,
+
+    /// The container engine: docker, or podman (rootful). [default: podman when CONTAINER_HOST
+    /// is set or DOCKER_HOST names a Podman socket, or when only podman is installed; else
+    /// docker]
+    #[arg(long, value_enum, env = "IMDSD_ENGINE", global = true)]
+    pub engine: Option<Engine>,
 
     /// Print the commands that would change something (one per line, shell-quoted) and change
     /// nothing. The read-only checks still run, so it needs the same access as the real thing.
@@ -142,11 +207,12 @@ pub struct NetworkOptions {
     #[arg(long, value_name = "IPV4", global = true)]
     pub address: Option<Ipv4Addr>,
 
-    /// host: the Linux bridge interface Docker creates for the network. [default: imdsd0]
+    /// host: the Linux bridge interface the engine creates for the network. [default: imdsd0]
     #[arg(long, value_name = "IFNAME", global = true)]
     pub bridge: Option<String>,
 
-    /// ec2: the bridge the containers are on; imdsd listens on its address. [default: docker0]
+    /// ec2: the bridge the containers are on; imdsd listens on its address. [default: docker0,
+    /// podman0 with Podman]
     #[arg(long, value_name = "IFNAME", global = true)]
     pub bridge_interface: Option<String>,
 
@@ -159,7 +225,12 @@ pub struct NetworkOptions {
 
 /// Runs the action; returns the exit code (0 done, 1 failed, 64 bad arguments).
 pub async fn run(args: NetworkArgs) -> u8 {
-    let plan = match resolve(&args.options) {
+    let env = |k: &str| std::env::var(k).ok();
+    let engine = args
+        .options
+        .engine
+        .unwrap_or_else(|| Engine::detect(&env, &on_path));
+    let plan = match resolve(&args.options, engine) {
         Ok(plan) => plan,
         Err(problems) => {
             for p in problems {
@@ -171,6 +242,13 @@ pub async fn run(args: NetworkArgs) -> u8 {
     let out = Out {
         dry_run: args.options.dry_run,
     };
+    if engine == Engine::Podman
+        && plan_uses_engine(&plan)
+        && let Err(failure) = refuse_rootless_podman().await
+    {
+        eprintln!("{failure}");
+        return EX_FAILURE;
+    }
     let result = match (&plan, args.action) {
         (Plan::Host(h), NetworkAction::Up) => host_up(h, &out).await,
         (Plan::Host(h), NetworkAction::Down) => host_down(h, &out).await,
@@ -204,19 +282,29 @@ enum Plan {
 
 #[derive(Debug)]
 struct HostPlan {
+    engine: Engine,
     name: String,
     subnet: Ipv4Net,
     address: Ipv4Addr,
     bridge: String,
     /// Driver options besides the bridge's name (`--opt KEY=VALUE`).
     options: Vec<(&'static str, &'static str)>,
+    /// Whether `--bridge` was given (a Podman that cannot name bridges then fails, rather than
+    /// quietly name it otherwise).
+    bridge_given: bool,
 }
 
 #[derive(Debug)]
 struct ComposePlan {
+    engine: Engine,
     key: String,
     subnet: Ipv4Net,
     address: Ipv4Addr,
+}
+
+/// Whether the plan asks the engine anything (the ec2 layout only touches iptables).
+fn plan_uses_engine(plan: &Plan) -> bool {
+    !matches!(plan, Plan::Ec2(_))
 }
 
 #[derive(Debug)]
@@ -227,7 +315,7 @@ struct Ec2Plan {
 }
 
 /// Validates the options for the chosen layout; every problem is reported, one line each.
-fn resolve(o: &NetworkOptions) -> Result<Plan, Vec<String>> {
+fn resolve(o: &NetworkOptions, engine: Engine) -> Result<Plan, Vec<String>> {
     let mut problems = Vec::new();
     let given: [(&str, bool); 6] = [
         ("--network-name", o.network_name.is_some()),
@@ -289,10 +377,13 @@ fn resolve(o: &NetworkOptions) -> Result<Plan, Vec<String>> {
         }
     }
     let bridge = o.bridge.clone().unwrap_or_else(|| DEFAULT_BRIDGE.into());
-    let interface = o
-        .bridge_interface
-        .clone()
-        .unwrap_or_else(|| DEFAULT_BRIDGE_INTERFACE.into());
+    let interface = o.bridge_interface.clone().unwrap_or_else(|| {
+        match engine {
+            Engine::Docker => DEFAULT_BRIDGE_INTERFACE,
+            Engine::Podman => PODMAN_BRIDGE_INTERFACE,
+        }
+        .into()
+    });
     for (flag, ifname) in [("--bridge", &bridge), ("--bridge-interface", &interface)] {
         if !valid_interface_name(ifname) {
             problems.push(format!(
@@ -305,20 +396,26 @@ fn resolve(o: &NetworkOptions) -> Result<Plan, Vec<String>> {
     }
     Ok(match o.layout {
         Layout::Host => Plan::Host(HostPlan {
+            engine,
             name,
             subnet,
             address,
             bridge,
             options: Vec::new(),
+            bridge_given: o.bridge.is_some(),
         }),
         Layout::Swarm => Plan::Swarm(HostPlan {
+            // Swarm is Docker's: its gateway bridge is made with Docker's CLI.
+            engine: Engine::Docker,
             name: GATEWAY_BRIDGE.into(),
             subnet,
             address,
             bridge: GATEWAY_BRIDGE.into(),
             options: SWARM_BRIDGE_OPTIONS.to_vec(),
+            bridge_given: false,
         }),
         Layout::Compose => Plan::Compose(ComposePlan {
+            engine,
             key: name,
             subnet,
             address,
@@ -440,7 +537,11 @@ impl Cmd {
             .map_err(|e| {
                 let fix = if e.kind() == std::io::ErrorKind::NotFound {
                     match self.program {
-                        "docker" => "install the Docker CLI, or put `docker` on PATH",
+                        "docker" => {
+                            "install the Docker CLI, or put `docker` on PATH (for Podman: \
+                             --engine podman)"
+                        }
+                        "podman" => "install Podman, or put `podman` on PATH",
                         "iptables" => {
                             "install iptables (Debian/Ubuntu: apt-get install iptables; \
                              iptables-nft is fine on nftables hosts)"
@@ -509,6 +610,22 @@ fn fix_for(program: &str, stderr: &str) -> String {
              (docker network disconnect NETWORK CONTAINER) and try again"
         }
         "docker" => "see Docker's message above",
+        "podman" if has("cannot connect to podman") || has("unable to connect to podman") => {
+            "is the Podman service up? (sudo systemctl enable --now podman.socket) \
+             CONTAINER_HOST, when set, makes podman use it"
+        }
+        "podman" if has("already used on the host or by another config") => {
+            "another network or a route on this host uses part of this subnet (`ip route`, \
+             `podman network ls`); remove it or choose another --subnet and --address"
+        }
+        "podman" if has("permission denied") || has("rootless") => {
+            "run as root (sudo): imdsd needs rootful Podman"
+        }
+        "podman" if has("is being used") || has("in use") => {
+            "containers use the network; stop or remove them (podman ps --all --filter \
+             network=NAME) and try again"
+        }
+        "podman" => "see Podman's message above",
         "iptables" if has("permission denied") || has("must be root") => "run as root (sudo)",
         "iptables" if has("xtables lock") => "another program holds the xtables lock; try again",
         "iptables"
@@ -602,6 +719,37 @@ impl NetInfo {
         })
     }
 
+    /// A network as `podman network inspect` describes it (Podman's own record: no
+    /// containers; the bridge is `network_interface`).
+    fn parse_podman(v: &Value) -> Option<NetInfo> {
+        let s = |v: &Value| v.as_str().map(str::to_string);
+        let subnets = v["subnets"].as_array().cloned().unwrap_or_default();
+        Some(NetInfo {
+            name: s(&v["name"])?,
+            id: s(&v["id"]).unwrap_or_default(),
+            driver: s(&v["driver"]).unwrap_or_default(),
+            subnets: subnets
+                .iter()
+                .filter_map(|c| c["subnet"].as_str()?.parse().ok())
+                .collect(),
+            gateways: subnets
+                .iter()
+                .filter_map(|c| s(&c["gateway"]))
+                .filter(|g| !g.is_empty())
+                .collect(),
+            bridge_option: s(&v["network_interface"]).filter(|i| !i.is_empty()),
+            labels: v["labels"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            containers: Vec::new(),
+        })
+    }
+
     fn managed(&self) -> bool {
         self.labels.get(MANAGED_LABEL).map(String::as_str) == Some("true")
     }
@@ -647,12 +795,38 @@ fn docker_not_found(stderr: &str) -> bool {
     stderr.contains("not found") || stderr.contains("No such network")
 }
 
-/// The network named exactly `name`, if any.
-async fn inspect_network(name: &str) -> Result<Option<NetInfo>, Failure> {
-    let cmd = Cmd::new(
-        "docker",
-        ["network", "inspect", "--format", "{{json .}}", name],
-    );
+/// `network inspect` of `names`: Docker prints one JSON record a line (`--format '{{json .}}'`),
+/// Podman a JSON array (it has no such format).
+fn inspect_cmd(engine: Engine, names: &[&str]) -> Cmd {
+    let mut args = vec!["network", "inspect"];
+    if engine == Engine::Docker {
+        args.extend(["--format", "{{json .}}"]);
+    }
+    args.extend(names);
+    Cmd::new(engine.program(), args)
+}
+
+/// The networks in `network inspect` output, either engine's.
+fn parse_inspected(engine: Engine, stdout: &str) -> Vec<NetInfo> {
+    let values: Vec<Value> = match serde_json::from_str::<Value>(stdout.trim()) {
+        Ok(Value::Array(values)) => values,
+        _ => stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect(),
+    };
+    values
+        .iter()
+        .filter_map(|v| match engine {
+            Engine::Docker => NetInfo::parse(v),
+            Engine::Podman => NetInfo::parse_podman(v),
+        })
+        .collect()
+}
+
+/// The network named exactly `name`, if any, with its containers (Podman's record has none).
+async fn inspect_network(engine: Engine, name: &str) -> Result<Option<NetInfo>, Failure> {
+    let cmd = inspect_cmd(engine, &[name]);
     let out = cmd.output().await?;
     if !out.status.success() {
         return if docker_not_found(&String::from_utf8_lossy(&out.stderr)) {
@@ -662,32 +836,50 @@ async fn inspect_network(name: &str) -> Result<Option<NetInfo>, Failure> {
         };
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let info = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find_map(|v| NetInfo::parse(&v))
+    let mut info = parse_inspected(engine, &text)
+        .into_iter()
+        .next()
         .ok_or_else(|| {
             Failure::new(
                 format!("`{}` printed no network: {}", cmd.shell(), text.trim()),
-                "check that the Docker CLI and engine work (docker network ls)",
+                format!(
+                    "check that the {} CLI and engine work ({} network ls)",
+                    engine.name(),
+                    engine.program()
+                ),
             )
         })?;
     // Docker also resolves an id prefix; only an exact name is this network.
-    Ok(Some(info).filter(|n| n.name == name))
+    if info.name != name {
+        return Ok(None);
+    }
+    if engine == Engine::Podman {
+        let filter = format!("network={name}");
+        let names = Cmd::new(
+            "podman",
+            ["ps", "--all", "--filter", &filter, "--format", "{{.Names}}"],
+        )
+        .run_ok()
+        .await?;
+        info.containers = names.split_whitespace().map(str::to_string).collect();
+        info.containers.sort();
+    }
+    Ok(Some(info))
 }
 
 /// Every network on the engine.
-async fn list_networks() -> Result<Vec<NetInfo>, Failure> {
-    let ids = Cmd::new("docker", ["network", "ls", "--quiet", "--no-trunc"])
-        .run_ok()
-        .await?;
+async fn list_networks(engine: Engine) -> Result<Vec<NetInfo>, Failure> {
+    // Docker lists ids, Podman names: either is what inspect takes.
+    let mut ls = vec!["network", "ls", "--quiet"];
+    if engine == Engine::Docker {
+        ls.push("--no-trunc");
+    }
+    let ids = Cmd::new(engine.program(), ls).run_ok().await?;
     let ids: Vec<&str> = ids.split_whitespace().collect();
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let mut args = vec!["network", "inspect", "--format", "{{json .}}"];
-    args.extend(&ids);
-    let cmd = Cmd::new("docker", args);
+    let cmd = inspect_cmd(engine, &ids);
     let out = cmd.output().await?;
     // A network removed between the listing and the inspect fails the inspect for that one
     // only; the others are still printed, and the one that is gone cannot be in the way.
@@ -700,11 +892,37 @@ async fn list_networks() -> Result<Vec<NetInfo>, Failure> {
     {
         return Err(cmd.failed(&out));
     }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| NetInfo::parse(&v))
-        .collect())
+    Ok(parse_inspected(
+        engine,
+        &String::from_utf8_lossy(&out.stdout),
+    ))
+}
+
+/// Fails unless the Podman the CLI reaches is rootful: a rootless Podman's containers have
+/// their addresses in the user's own network namespace (behind slirp4netns or pasta), where
+/// imdsd on the host can neither be reached at a gateway nor tell callers apart.
+async fn refuse_rootless_podman() -> Result<(), Failure> {
+    let rootless = Cmd::new(
+        "podman",
+        ["info", "--format", "{{.Host.Security.Rootless}}"],
+    )
+    .run_ok()
+    .await?;
+    if rootless.trim() == "true" {
+        return Err(Failure::new(
+            "this is rootless Podman: its containers' addresses live in the user's own network              namespace (slirp4netns or pasta), where imdsd on the host cannot be reached at a              network's gateway nor tell the callers apart",
+            "use rootful Podman: run as root (sudo imdsd network up --engine podman), and have              imdsd follow /run/podman/podman.sock (sudo systemctl enable --now podman.socket)",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether this Podman's `network create` can name the bridge (`--interface-name`).
+async fn podman_names_bridges() -> Result<bool, Failure> {
+    let help = Cmd::new("podman", ["network", "create", "--help"])
+        .run_ok()
+        .await?;
+    Ok(help.contains("--interface-name"))
 }
 
 fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
@@ -756,47 +974,59 @@ async fn interface_exists(dev: &str) -> Result<bool, Failure> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// host: a dedicated Docker network whose gateway is the metadata address
+// host: a dedicated network whose gateway is the metadata address
 
 impl HostPlan {
-    fn describe(&self) -> String {
+    fn describe(&self, bridge: &str) -> String {
         format!(
-            "docker network {} (subnet {}, gateway {}, bridge {}, label {MANAGED_LABEL}=true)",
-            self.name, self.subnet, self.address, self.bridge
+            "{} network {} (subnet {}, gateway {}, bridge {bridge}, label {MANAGED_LABEL}=true)",
+            self.engine.program(),
+            self.name,
+            self.subnet,
+            self.address
         )
     }
 
-    fn create(&self) -> Cmd {
-        Cmd::new(
-            "docker",
-            [
-                "network".to_string(),
-                "create".into(),
-                "--driver".into(),
-                "bridge".into(),
-                "--subnet".into(),
-                self.subnet.to_string(),
-                "--gateway".into(),
-                self.address.to_string(),
-                "--opt".into(),
-                format!("{BRIDGE_NAME_OPTION}={}", self.bridge),
-            ]
-            .into_iter()
-            .chain(
-                self.options
-                    .iter()
-                    .flat_map(|(k, v)| ["--opt".to_string(), format!("{k}={v}")]),
-            )
-            .chain([
-                "--label".into(),
-                format!("{MANAGED_LABEL}=true"),
-                self.name.clone(),
-            ]),
-        )
+    /// The create command; `name_bridge` false for a Podman whose CLI cannot name it.
+    fn create(&self, name_bridge: bool) -> Cmd {
+        let mut args: Vec<String> = vec![
+            "network".into(),
+            "create".into(),
+            "--driver".into(),
+            "bridge".into(),
+            "--subnet".into(),
+            self.subnet.to_string(),
+            "--gateway".into(),
+            self.address.to_string(),
+        ];
+        match self.engine {
+            Engine::Docker => {
+                args.extend([
+                    "--opt".into(),
+                    format!("{BRIDGE_NAME_OPTION}={}", self.bridge),
+                ]);
+            }
+            Engine::Podman if name_bridge => {
+                args.extend(["--interface-name".into(), self.bridge.clone()]);
+            }
+            Engine::Podman => {}
+        }
+        args.extend(
+            self.options
+                .iter()
+                .flat_map(|(k, v)| ["--opt".to_string(), format!("{k}={v}")]),
+        );
+        args.extend([
+            "--label".into(),
+            format!("{MANAGED_LABEL}=true"),
+            self.name.clone(),
+        ]);
+        Cmd::new(self.engine.program(), args)
     }
 
-    /// How an existing network differs from this plan.
-    fn differences(&self, net: &NetInfo) -> Vec<String> {
+    /// How an existing network differs from this plan. A Podman network's bridge is only
+    /// compared when it could have been named (`name_bridge`).
+    fn differences(&self, net: &NetInfo, name_bridge: bool) -> Vec<String> {
         let mut diffs = Vec::new();
         if net.driver != "bridge" {
             diffs.push(format!("driver {} (wanted bridge)", net.driver));
@@ -819,7 +1049,9 @@ impl HostPlan {
                 net.gateways.join(" ")
             ));
         }
-        if net.interface().as_deref() != Some(self.bridge.as_str()) {
+        if (self.engine == Engine::Docker || name_bridge)
+            && net.interface().as_deref() != Some(self.bridge.as_str())
+        {
             diffs.push(format!(
                 "bridge {} (wanted {})",
                 net.interface().unwrap_or_else(|| "none".into()),
@@ -831,9 +1063,24 @@ impl HostPlan {
 }
 
 async fn host_up(h: &HostPlan, out: &Out) -> Result<(), Failure> {
-    match inspect_network(&h.name).await? {
+    let engine = h.engine;
+    let name_bridge = match engine {
+        Engine::Docker => true,
+        Engine::Podman => podman_names_bridges().await?,
+    };
+    if !name_bridge && h.bridge_given {
+        return Err(Failure::new(
+            format!(
+                "this Podman's `podman network create` has no --interface-name, so it cannot \
+                 name the network's bridge {}",
+                h.bridge
+            ),
+            "leave out --bridge (Podman then names the bridge podmanN itself), or upgrade Podman",
+        ));
+    }
+    match inspect_network(engine, &h.name).await? {
         Some(net) => {
-            let diffs = h.differences(&net);
+            let diffs = h.differences(&net, name_bridge);
             if !diffs.is_empty() {
                 let fix = if net.managed() {
                     format!(
@@ -845,13 +1092,15 @@ async fn host_up(h: &HostPlan, out: &Out) -> Result<(), Failure> {
                     format!(
                         "it was not created by `imdsd network up`: to use it as it is, pass \
                          the flags that match it; otherwise choose another --network-name, or \
-                         remove it yourself (docker network rm {}) if nothing uses it",
+                         remove it yourself ({} network rm {}) if nothing uses it",
+                        engine.program(),
                         h.name
                     )
                 };
                 return Err(Failure::new(
                     format!(
-                        "Docker network {} exists but differs from what the host layout needs: {}",
+                        "{} network {} exists but differs from what the host layout needs: {}",
+                        engine.name(),
                         h.name,
                         diffs.join(", ")
                     ),
@@ -864,17 +1113,21 @@ async fn host_up(h: &HostPlan, out: &Out) -> Result<(), Failure> {
                 "; not created by `imdsd network up` (no label imdsd.managed=true), so `down` \
                  will leave it"
             };
+            let bridge = net.interface().unwrap_or_else(|| h.bridge.clone());
             out.say(
                 "exists",
                 &format!(
-                    "docker network {} (subnet {}, gateway {}, bridge {}{whose})",
-                    h.name, h.subnet, h.address, h.bridge
+                    "{} network {} (subnet {}, gateway {}, bridge {bridge}{whose})",
+                    engine.program(),
+                    h.name,
+                    h.subnet,
+                    h.address
                 ),
             );
-            host_address(h, out, Duration::ZERO).await?;
+            host_address(h, &bridge, out, Duration::ZERO).await?;
         }
         None => {
-            let clashes: Vec<String> = list_networks()
+            let clashes: Vec<String> = list_networks(engine)
                 .await?
                 .iter()
                 .filter(|n| n.subnets.iter().any(|s| overlaps(s, &h.subnet)))
@@ -883,36 +1136,61 @@ async fn host_up(h: &HostPlan, out: &Out) -> Result<(), Failure> {
             if !clashes.is_empty() {
                 return Err(Failure::new(
                     format!(
-                        "--subnet {} overlaps Docker network {}, so Docker cannot create {}",
+                        "--subnet {} overlaps {} network {}, so {} cannot create {}",
                         h.subnet,
+                        engine.name(),
                         clashes.join("; "),
+                        engine.name(),
                         h.name
                     ),
                     "remove that network (the compose layout: docker-compose down), or choose \
                      another --subnet and --address",
                 ));
             }
-            if interface_exists(&h.bridge).await? {
+            if name_bridge && interface_exists(&h.bridge).await? {
                 return Err(Failure::new(
                     format!(
-                        "the interface {} already exists (`ip link show dev {}`), and Docker \
+                        "the interface {} already exists (`ip link show dev {}`), and {} \
                          would take it over and delete it with the network",
-                        h.bridge, h.bridge
+                        h.bridge,
+                        h.bridge,
+                        engine.name()
                     ),
                     "choose another --bridge",
                 ));
             }
-            out.change(&h.create(), "added", &h.describe()).await?;
+            let bridge = if name_bridge {
+                h.bridge.as_str()
+            } else {
+                "named by Podman"
+            };
+            out.change(&h.create(name_bridge), "added", &h.describe(bridge))
+                .await?;
+            if !name_bridge {
+                out.say(
+                    "note",
+                    "this Podman's `network create` has no --interface-name, so Podman named the \
+                     bridge itself (podmanN); `podman network inspect` shows it",
+                );
+            }
             if !out.dry_run {
-                host_address(h, out, ADDRESS_WAIT).await?;
+                host_address(h, &h.bridge, out, ADDRESS_WAIT).await?;
             }
         }
     }
+    let run = match engine {
+        Engine::Docker => "docker run",
+        Engine::Podman => "podman run",
+    };
+    let engine_flag = match engine {
+        Engine::Docker => String::new(),
+        Engine::Podman => " and --docker-host unix:///run/podman/podman.sock".into(),
+    };
     out.say(
         "next",
         &format!(
-            "run imdsd on the host with --listen {}:{METADATA_PORT}; containers started with \
-             `docker run --network {} -e IAM_ROLE=<role> …` reach it at http://{}",
+            "run imdsd on the host with --listen {}:{METADATA_PORT}{engine_flag}; containers \
+             started with `{run} --network {} -e IAM_ROLE=<role> …` reach it at http://{}",
             h.address, h.name, h.address
         ),
     );
@@ -920,11 +1198,28 @@ async fn host_up(h: &HostPlan, out: &Out) -> Result<(), Failure> {
 }
 
 /// Checks that the gateway address is on the bridge (where imdsd binds it), waiting up to `wait`
-/// for Docker to put it there.
-async fn host_address(h: &HostPlan, out: &Out, wait: Duration) -> Result<(), Failure> {
+/// for Docker to put it there. Podman puts it there only while a container is attached, and
+/// imdsd binds it ahead (IP_FREEBIND): with Podman this says so instead.
+async fn host_address(
+    h: &HostPlan,
+    bridge: &str,
+    out: &Out,
+    wait: Duration,
+) -> Result<(), Failure> {
+    if h.engine == Engine::Podman {
+        out.say(
+            "note",
+            &format!(
+                "Podman puts {} on the network's bridge only while a container is attached; \
+                 imdsd listens there ahead of it",
+                h.address
+            ),
+        );
+        return Ok(());
+    }
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let found = interface_addresses(Some(&h.bridge))
+        let found = interface_addresses(Some(bridge))
             .await?
             .unwrap_or_default()
             .into_iter()
@@ -939,18 +1234,17 @@ async fn host_address(h: &HostPlan, out: &Out, wait: Duration) -> Result<(), Fai
         if tokio::time::Instant::now() >= deadline {
             return Err(Failure::new(
                 format!(
-                    "Docker network {} exists, but {} is not on its bridge {} (`ip -o -4 addr \
-                     show dev {}`), so imdsd cannot listen there",
-                    h.name, h.address, h.bridge, h.bridge
+                    "Docker network {} exists, but {} is not on its bridge {bridge} (`ip -o -4 addr \
+                     show dev {bridge}`), so imdsd cannot listen there",
+                    h.name, h.address
                 ),
                 format!(
                     "this Docker puts the gateway on the bridge only later: start a container \
                      on the network (docker run --rm --network {} <image> true), or add it by \
-                     hand: ip addr add {}/{} dev {}",
+                     hand: ip addr add {}/{} dev {bridge}",
                     h.name,
                     h.address,
                     h.subnet.prefix_len(),
-                    h.bridge
                 ),
             ));
         }
@@ -959,48 +1253,59 @@ async fn host_address(h: &HostPlan, out: &Out, wait: Duration) -> Result<(), Fai
 }
 
 async fn host_down(h: &HostPlan, out: &Out) -> Result<(), Failure> {
-    let Some(net) = inspect_network(&h.name).await? else {
-        out.say("absent", &format!("docker network {}", h.name));
+    let engine = h.engine;
+    let Some(net) = inspect_network(engine, &h.name).await? else {
+        out.say(
+            "absent",
+            &format!("{} network {}", engine.program(), h.name),
+        );
         return Ok(());
     };
     if !net.managed() {
         return Err(Failure::new(
             format!(
-                "Docker network {} was not created by `imdsd network up` (it has no label \
+                "{} network {} was not created by `imdsd network up` (it has no label \
                  {MANAGED_LABEL}=true), so down leaves it",
+                engine.name(),
                 h.name
             ),
             format!(
-                "if it should go, remove it yourself: docker network rm {}",
+                "if it should go, remove it yourself: {} network rm {}",
+                engine.program(),
                 h.name
             ),
         ));
     }
     if !net.containers.is_empty() {
+        let detach = match engine {
+            Engine::Docker => format!("docker network disconnect {} <container>", h.name),
+            Engine::Podman => format!("podman network disconnect {} <container>", h.name),
+        };
         return Err(Failure::new(
             format!(
-                "containers are still attached to Docker network {}: {}",
+                "containers are still attached to {} network {}: {}",
+                engine.name(),
                 h.name,
                 net.containers.join(", ")
             ),
-            format!(
-                "stop them, or detach each with `docker network disconnect {} <container>`, then \
-                 run down again",
-                h.name
-            ),
+            format!("stop them, or detach each with `{detach}`, then run down again"),
         ));
     }
-    let rm = Cmd::new("docker", ["network", "rm", h.name.as_str()]);
-    out.change(&rm, "removed", &format!("docker network {}", h.name))
-        .await
+    let rm = Cmd::new(engine.program(), ["network", "rm", h.name.as_str()]);
+    out.change(
+        &rm,
+        "removed",
+        &format!("{} network {}", engine.program(), h.name),
+    )
+    .await
 }
 
 // ---------------------------------------------------------------------------------------------
 // swarm: docker_gwbridge, made before the node joins, with the metadata address as its gateway
 
 async fn swarm_up(h: &HostPlan, out: &Out) -> Result<(), Failure> {
-    if let Some(net) = inspect_network(&h.name).await? {
-        let diffs = h.differences(&net);
+    if let Some(net) = inspect_network(Engine::Docker, &h.name).await? {
+        let diffs = h.differences(&net, true);
         if !diffs.is_empty() {
             let gateway = net
                 .gateways
@@ -1035,9 +1340,9 @@ async fn swarm_up(h: &HostPlan, out: &Out) -> Result<(), Failure> {
                 h.name, h.subnet, h.address
             ),
         );
-        host_address(h, out, Duration::ZERO).await?;
+        host_address(h, &h.bridge, out, Duration::ZERO).await?;
     } else {
-        let clashes: Vec<String> = list_networks()
+        let clashes: Vec<String> = list_networks(Engine::Docker)
             .await?
             .iter()
             .filter(|n| n.subnets.iter().any(|s| overlaps(s, &h.subnet)))
@@ -1055,9 +1360,10 @@ async fn swarm_up(h: &HostPlan, out: &Out) -> Result<(), Failure> {
                  --subnet and --address",
             ));
         }
-        out.change(&h.create(), "added", &h.describe()).await?;
+        out.change(&h.create(true), "added", &h.describe(&h.bridge))
+            .await?;
         if !out.dry_run {
-            host_address(h, out, ADDRESS_WAIT).await?;
+            host_address(h, &h.bridge, out, ADDRESS_WAIT).await?;
         }
     }
     out.say(
@@ -1100,7 +1406,7 @@ async fn swarm_down(h: &HostPlan, out: &Out) -> Result<(), Failure> {
 // compose: docker-compose creates the network; check that nothing is in its way
 
 async fn compose_up(c: &ComposePlan, out: &Out) -> Result<(), Failure> {
-    let networks = list_networks().await?;
+    let networks = list_networks(c.engine).await?;
     let is_compose_net =
         |n: &NetInfo| n.labels.get(COMPOSE_NETWORK_LABEL).map(String::as_str) == Some(&c.key);
     let overlapping: Vec<&NetInfo> = networks
@@ -1115,8 +1421,9 @@ async fn compose_up(c: &ComposePlan, out: &Out) -> Result<(), Failure> {
     if !clashes.is_empty() {
         return Err(Failure::new(
             format!(
-                "{} overlaps Docker network {}, so docker-compose cannot create its {} network",
+                "{} overlaps {} network {}, so docker-compose cannot create its {} network",
                 c.subnet,
+                c.engine.name(),
                 clashes.join("; "),
                 c.key
             ),
@@ -1153,13 +1460,18 @@ async fn compose_up(c: &ComposePlan, out: &Out) -> Result<(), Failure> {
         out.say(
             "absent",
             &format!(
-                "docker network <project>_{} on {} (docker-compose up creates it)",
-                c.key, c.subnet
+                "{} network <project>_{} on {} (docker-compose up creates it)",
+                c.engine.program(),
+                c.key,
+                c.subnet
             ),
         );
     } else {
         for n in ours {
-            out.say("exists", &format!("docker network {}", n.describe()));
+            out.say(
+                "exists",
+                &format!("{} network {}", c.engine.program(), n.describe()),
+            );
         }
     }
     out.say(
@@ -1385,7 +1697,10 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Plan, Vec<String>> {
         let cli = Cli::try_parse_from(std::iter::once("network").chain(args.iter().copied()))
             .map_err(|e| vec![e.to_string()])?;
-        resolve(&cli.args.options)
+        resolve(
+            &cli.args.options,
+            cli.args.options.engine.unwrap_or(Engine::Docker),
+        )
     }
 
     #[test]
@@ -1414,7 +1729,7 @@ mod tests {
                 assert_eq!(h.address, METADATA_ADDRESS);
                 // Swarm's own settings for the bridge, with the metadata address as gateway.
                 assert_eq!(
-                    h.create().shell(),
+                    h.create(true).shell(),
                     "docker network create --driver bridge --subnet 169.254.169.0/24 --gateway \
                      169.254.169.254 --opt com.docker.network.bridge.name=docker_gwbridge --opt \
                      com.docker.network.bridge.enable_icc=false --opt \
@@ -1497,6 +1812,101 @@ mod tests {
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");
         assert_eq!(shell_quote("{{json .}}"), "'{{json .}}'");
+    }
+
+    #[test]
+    fn the_engine_is_podman_when_the_environment_says_so() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(name, _)| *name == k)
+                    .map(|(_, v)| (*v).to_string())
+            }
+        };
+        let both = |_: &str| true;
+        assert_eq!(Engine::detect(&env(&[]), &both), Engine::Docker);
+        assert_eq!(
+            Engine::detect(
+                &env(&[("CONTAINER_HOST", "unix:///run/podman/podman.sock")]),
+                &both
+            ),
+            Engine::Podman
+        );
+        assert_eq!(
+            Engine::detect(
+                &env(&[("DOCKER_HOST", "unix:///run/podman/podman.sock")]),
+                &both
+            ),
+            Engine::Podman
+        );
+        assert_eq!(
+            Engine::detect(&env(&[("DOCKER_HOST", "tcp://10.0.0.1:2375")]), &both),
+            Engine::Docker
+        );
+        assert_eq!(
+            Engine::detect(&env(&[]), &|p: &str| p == "podman"),
+            Engine::Podman,
+            "only Podman installed"
+        );
+    }
+
+    #[test]
+    fn podman_networks_are_created_with_podmans_own_flags() {
+        let Plan::Host(h) = parse(&["up", "--engine", "podman"]).expect("valid") else {
+            panic!("host layout");
+        };
+        assert_eq!(
+            h.create(true).shell(),
+            "podman network create --driver bridge --subnet 169.254.169.0/24 --gateway \
+             169.254.169.254 --interface-name imdsd0 --label imdsd.managed=true ec2_metadata"
+        );
+        // A Podman whose CLI cannot name the bridge names it itself.
+        assert_eq!(
+            h.create(false).shell(),
+            "podman network create --driver bridge --subnet 169.254.169.0/24 --gateway \
+             169.254.169.254 --label imdsd.managed=true ec2_metadata"
+        );
+        let Plan::Ec2(e) = parse(&["up", "--engine", "podman", "--layout", "ec2"]).expect("valid")
+        else {
+            panic!("ec2 layout");
+        };
+        assert_eq!(e.interface, "podman0");
+    }
+
+    #[test]
+    fn podmans_network_records_are_understood() {
+        // `podman network inspect` (Podman 4.3): an array of Podman's own records.
+        let text = r#"[
+             {"name": "ec2_metadata", "id": "8c83ab52ca7f", "driver": "bridge",
+              "network_interface": "podman1",
+              "subnets": [{"subnet": "169.254.169.0/24", "gateway": "169.254.169.254"}],
+              "labels": {"imdsd.managed": "true"}},
+             {"name": "podman", "id": "2f259bab93aa", "driver": "bridge",
+              "network_interface": "podman0",
+              "subnets": [{"subnet": "10.88.0.0/16", "gateway": "10.88.0.1"}]}
+        ]"#;
+        let nets = parse_inspected(Engine::Podman, text);
+        assert_eq!(nets.len(), 2);
+        assert!(nets[0].managed() && !nets[1].managed());
+        assert_eq!(nets[0].interface().as_deref(), Some("podman1"));
+        assert_eq!(nets[0].gateways, ["169.254.169.254"]);
+        assert_eq!(
+            nets[0].subnets,
+            ["169.254.169.0/24".parse::<Ipv4Net>().expect("net")]
+        );
+        let Plan::Host(h) = parse(&["up", "--engine", "podman"]).expect("valid") else {
+            panic!("host layout");
+        };
+        // The bridge counts only where Podman could have been told its name.
+        assert!(h.differences(&nets[0], false).is_empty());
+        assert_eq!(
+            h.differences(&nets[0], true),
+            ["bridge podman1 (wanted imdsd0)"]
+        );
+        // Docker's one record a line is still read as Docker's.
+        let docker = r#"{"Name":"n","Id":"d98392fa348a64a281d8196f","Driver":"bridge","IPAM":{"Config":[]}}"#;
+        assert_eq!(parse_inspected(Engine::Docker, docker)[0].name, "n");
     }
 
     #[test]

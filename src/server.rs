@@ -496,7 +496,8 @@ impl Conn {
 
     fn idle(&self) {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
-        self.idle_since.store(ticket.min(BUSY - 1), Ordering::Relaxed);
+        self.idle_since
+            .store(ticket.min(BUSY - 1), Ordering::Relaxed);
     }
 
     fn is_busy(&self) -> bool {

@@ -8,6 +8,8 @@
 mod common;
 #[path = "support/docker.rs"]
 mod docker;
+#[path = "support/e2e.rs"]
+mod e2e;
 #[path = "support/sts.rs"]
 mod sts_support;
 
@@ -19,170 +21,14 @@ use std::time::{Duration, Instant};
 
 use common::{Daemon, Process};
 use docker::{RunOpts, TestContainer, TestNetwork, run_to_completion};
+use e2e::{RUN_TIMEOUT, eventually, exec_probe, fake_daemon, probe_args, probe_output};
 use serde_json::Value;
-use sts_support::OPERATOR_ENV;
-
-const RUN_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The probe's JSON line in a container's output.
-fn probe_output(logs: &str) -> Value {
-    logs.lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
-        .unwrap_or_else(|| panic!("no probe output in the container's logs:\n{logs}"))
-}
-
-/// Polls `done` every 50 ms for up to `limit`.
-async fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A daemon in this process, serving `net` from its gateway with fake credentials.
-async fn fake_daemon(net: &TestNetwork, docker_host: &str, args: &[&str]) -> Daemon {
-    let mut all = vec![
-        "--fake-credentials",
-        "--docker-host",
-        docker_host,
-        "--networks",
-        &net.name,
-    ];
-    all.extend_from_slice(args);
-    let d = Daemon::start_on(
-        &format!("{}:0", net.gateway),
-        &all,
-        tempfile::tempdir().expect("tempdir"),
-    )
-    .await;
-    let index = d.index.clone().expect("the daemon follows Docker");
-    eventually(Duration::from_secs(20), "the first sync", || {
-        index.is_ready()
-    })
-    .await;
-    d
-}
-
-fn probe_args(endpoint: &str, extra: &[&str]) -> Vec<String> {
-    let mut args = vec!["probe".to_string(), "--endpoint".into(), endpoint.into()];
-    args.extend(extra.iter().map(|s| (*s).to_string()));
-    args
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_containers_get_three_roles_checked_by_sts() {
     docker::require_docker();
     let net = TestNetwork::create("roles");
-    let gateway = net.gateway.to_string();
-    // moto on the gateway, so that the containers can check their credentials with it too.
-    let moto = sts_support::Moto::start_on(&gateway);
-    let state = tempfile::tempdir().expect("tempdir");
-    let config = tempfile::NamedTempFile::new().expect("tempfile");
-    std::fs::write(config.path(), "role_aliases = { gamma = \"role-c\" }\n").expect("write");
-    let process = Process::spawn(
-        &[
-            "--listen",
-            &format!("{gateway}:0"),
-            "--state-dir",
-            state.path().to_str().expect("utf8"),
-            "--sts-endpoint",
-            &moto.url,
-            "--docker-host",
-            "unix:///var/run/docker.sock",
-            "--networks",
-            &net.name,
-            "--config",
-            config.path().to_str().expect("utf8"),
-        ],
-        OPERATOR_ENV,
-    );
-    let addr = process
-        .addr
-        .unwrap_or_else(|| panic!("daemon did not start:\n{}", process.log_text()));
-    let endpoint = format!("http://{addr}");
-
-    // Each container names its role its own way, and asks the moment it starts.
-    let probe = probe_args(&endpoint, &["--sts"]);
-    let specs: [(&str, RunOpts); 3] = [
-        // Fixed addresses: the probes exit at once, before Docker could be asked for theirs.
-        (
-            "role-a",
-            RunOpts::new(&net, "a")
-                .ip(net.host(11))
-                .env("IAM_ROLE", "role-a"),
-        ),
-        (
-            "role-b",
-            RunOpts::new(&net, "b")
-                .ip(net.host(12))
-                .label("imdsd.role", "role-b@123456789012"),
-        ),
-        (
-            "role-c",
-            RunOpts::new(&net, "c")
-                .ip(net.host(13))
-                .label("imdsd.role-alias", "gamma"),
-        ),
-    ];
-    let containers: Vec<(&str, TestContainer)> = specs
-        .into_iter()
-        .map(|(role, opts)| {
-            let opts = opts
-                .env("AWS_ENDPOINT_URL_STS", &moto.url)
-                .args(probe.clone());
-            (role, TestContainer::run(&opts))
-        })
-        .collect();
-    for (role, c) in &containers {
-        let exit = c.wait_exit(RUN_TIMEOUT);
-        let logs = c.logs();
-        assert_eq!(exit, 0, "{role}: {logs}\ndaemon:\n{}", process.log_text());
-        let out = probe_output(&logs);
-        assert_eq!(out["role"], *role, "{out}");
-        // STS itself says whose credentials these are: the role, with the container's name as the
-        // session name.
-        let arn = out["caller_arn"].as_str().expect("caller arn");
-        assert_eq!(
-            arn,
-            format!("arn:aws:sts::123456789012:assumed-role/{role}/{}", c.name),
-            "{out}"
-        );
-        // Started and asked at once: answered well within the SDKs' one-second timeout.
-        let elapsed = out["elapsed_ms"].as_u64().expect("elapsed");
-        eprintln!("{role}: credentials {elapsed} ms after the container started");
-        assert!(elapsed < 1000, "{role} waited {elapsed} ms: {out}");
-    }
-    // The request log says which container got which role, with what.
-    let log = process.log_text();
-    for (role, c) in &containers {
-        let line = log
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| {
-                v["target"] == "imdsd::access"
-                    && v["container"] == c.name.as_str()
-                    && v["path"] == format!("/latest/meta-data/iam/security-credentials/{role}")
-            })
-            .unwrap_or_else(|| panic!("no access log line for {}:\n{log}", c.name));
-        assert_eq!(line["container_id"], &c.id[..12], "{line}");
-        assert_eq!(line["caller"], c.ip.expect("ip").to_string(), "{line}");
-        assert_eq!(
-            line["role"],
-            format!("arn:aws:iam::123456789012:role/{role}"),
-            "{line}"
-        );
-        assert_eq!(line["status"], 200, "{line}");
-        assert!(
-            line["agent"]
-                .as_str()
-                .expect("agent")
-                .contains("aws-sdk-rust"),
-            "{line}"
-        );
-        assert!(line["micros"].as_u64().is_some(), "{line}");
-    }
+    e2e::three_containers_get_three_roles(&net, "unix:///var/run/docker.sock").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -367,43 +213,16 @@ async fn a_recycled_address_never_carries_the_previous_containers_role_or_token(
         &["--default-role", "fallback"],
     )
     .await;
-    let endpoint = format!("http://{}", d.addr);
-    let ip = net.host(10);
-    const ROUNDS: usize = 50;
     let started = Instant::now();
-    for round in 0..ROUNDS {
-        let (exit, logs) = run_to_completion(
-            &RunOpts::new(&net, "a")
-                .ip(ip)
-                .env("IAM_ROLE", "role-a")
-                .args(probe_args(&endpoint, &["--print-token"])),
-            RUN_TIMEOUT,
-        );
-        assert_eq!(exit, 0, "round {round}, A: {logs}");
-        let a = probe_output(&logs);
-        assert_eq!(a["role"], "role-a", "round {round}: {a}");
-        let token = a["token"].as_str().expect("token").to_string();
-
-        // B starts on A's address the moment A is gone, and tries A's token first.
-        let (exit, logs) = run_to_completion(
-            &RunOpts::new(&net, "b")
-                .ip(ip)
-                .env("IAM_ROLE", "role-b")
-                .args(probe_args(&endpoint, &["--foreign-token", &token])),
-            RUN_TIMEOUT,
-        );
-        assert_eq!(exit, 0, "round {round}, B: {logs}");
-        let b = probe_output(&logs);
-        assert_eq!(
-            b["role"], "role-b",
-            "round {round}: B got another role: {b}"
-        );
-        assert_eq!(
-            b["foreign_token_status"], 401,
-            "round {round}: A's token worked for B: {b}"
-        );
-    }
-    eprintln!("{ROUNDS} rounds in {:?}", started.elapsed());
+    e2e::recycle_one_address(&net, &d.url(), net.host(10), 50);
+    eprintln!("50 rounds in {:?}", started.elapsed());
+    // On the host, each removal was seen from the kernel, not only from Docker's events.
+    let stats = d.docker_stats.clone().expect("stats");
+    assert!(
+        stats.exits_seen.load(Ordering::Relaxed) >= 50,
+        "{} exits seen for 50 removals",
+        stats.exits_seen.load(Ordering::Relaxed)
+    );
 }
 
 /// A unix-socket proxy in front of the Docker socket that the test can cut and restore, to take
@@ -548,13 +367,6 @@ async fn pump(
         () = up => {}
         () = down => {}
     }
-}
-
-fn exec_probe(c: &TestContainer, endpoint: &str, extra: &[&str]) -> (i64, Value) {
-    let mut cmd = vec!["/usr/local/bin/imdsd".to_string()];
-    cmd.extend(probe_args(endpoint, extra));
-    let (exit, out) = c.exec(cmd);
-    (exit, probe_output(&out))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

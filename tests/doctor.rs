@@ -3,13 +3,16 @@
 //! network) is named in a FAIL line with a fix, and the exit code is 1.
 //!
 //! Real components only: the machine's Docker Engine (test networks and containers from
-//! `support/docker.rs`), moto and a scripted STS (`support/sts.rs`). Other tests create networks
+//! `support/docker.rs`), a test's own rootful Podman and a rootless Podman service
+//! (`support/podman.rs`), moto and a scripted STS (`support/sts.rs`). Other tests create networks
 //! and containers at the same time, so the tests that follow Docker limit the doctor to their own
 //! network (`--networks`), as an operator would, and never count the machine's containers.
 
 mod common;
 #[path = "support/docker.rs"]
 mod docker;
+#[path = "support/podman.rs"]
+mod podman;
 #[path = "support/sts.rs"]
 mod sts_support;
 
@@ -725,4 +728,81 @@ fn a_prohibit_route_for_the_metadata_address_fails_proxy_mode_and_not_a_local_li
             .contains("no prohibit route or rule for the metadata address"),
         "{clear}"
     );
+}
+
+#[test]
+fn with_podman_the_doctor_names_the_engine_its_networks_and_a_gateway_that_comes_with_a_container()
+{
+    let podman = podman::Podman::start();
+    let net = podman.network("doctor-podman");
+    // No container yet: netavark has not put the gateway on the host.
+    let listen = format!("{}:80", net.gateway);
+    let o = doctor(
+        &[
+            "--fake-credentials",
+            "--listen",
+            &listen,
+            "--docker-host",
+            &podman.url(),
+            "demo-role",
+        ],
+        &[],
+    );
+    assert_eq!(o.code, 0, "{o}");
+    check_common_passes(&o);
+    let docker_line = o.one("PASS", "docker");
+    assert!(
+        docker_line.contains("Podman 4.") && docker_line.contains("0 running containers"),
+        "{docker_line}"
+    );
+    let networks_line = o.one("PASS", "networks");
+    assert!(
+        networks_line.contains(&format!(
+            "serving containers on {} (0 running there",
+            net.name
+        )) && networks_line.contains("refused from bridge"),
+        "Podman's default network is listed as bridge: {networks_line}"
+    );
+    let listen_line = o.one("PASS", "listen");
+    assert!(
+        listen_line.contains(&format!("the gateway of Podman network {}", net.name))
+            && listen_line.contains("ahead"),
+        "{listen_line}"
+    );
+    let network_line = o.one("PASS", "network");
+    assert!(
+        network_line.contains(&format!("gateway of Podman network {}", net.name))
+            && network_line.contains("host layout"),
+        "{network_line}"
+    );
+}
+
+#[test]
+fn a_rootless_podman_is_refused_with_the_reason_and_the_fix() {
+    let rootless = podman::RootlessService::start();
+    let o = doctor(
+        &[
+            "--fake-credentials",
+            "--listen",
+            &free_loopback(),
+            "--docker-host",
+            &rootless.url(),
+        ],
+        &[],
+    );
+    assert_eq!(o.code, 1, "{o}");
+    let line = o.one("FAIL", "docker");
+    assert!(
+        line.contains("Podman") && line.contains("rootless") && line.contains("network namespace"),
+        "the reason: {line}"
+    );
+    assert!(
+        line.contains("fix: ") && line.contains("podman.socket"),
+        "the fix: {line}"
+    );
+    // The service re-executed itself into a user namespace; none of it outlives the test.
+    let dir = rootless.dir.clone();
+    drop(rootless);
+    assert_eq!(podman::processes_of(&dir), Vec::<u32>::new());
+    assert!(!dir.exists());
 }

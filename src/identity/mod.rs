@@ -48,6 +48,18 @@ pub struct Workload {
     pub access_log: RepeatFilter,
 }
 
+/// The binding of a caller from a served container network whose address no known container
+/// holds (after the bounded wait).
+const UNPLACED: &str = "unknown:";
+
+impl Workload {
+    /// Whether the caller is in a served container network but no container the index knows
+    /// holds its address, even after the bounded wait: nothing can be bound to it yet.
+    pub fn unplaced(&self) -> bool {
+        self.binding.as_str().starts_with(UNPLACED)
+    }
+}
+
 /// The role a workload gets.
 #[derive(Debug, Clone)]
 pub enum RoleState {
@@ -330,7 +342,7 @@ impl Identity {
                 tracing::debug!(caller = %ip, "no running container has this address: no role");
                 Arc::new(Workload {
                     ip,
-                    binding: Binding::new(format!("unknown:{ip}")),
+                    binding: Binding::new(format!("{UNPLACED}{ip}")),
                     container: None,
                     role: RoleState::None,
                     access_log: RepeatFilter::default(),

@@ -438,7 +438,33 @@ impl Imds {
         workload: Arc<Workload>,
     ) -> Step {
         let r = &self.responder;
+        // Until the index has synced, the caller cannot be told apart: a token issued now would
+        // be bound to nobody it could ever be presented by, and one presented now cannot be
+        // checked against anybody. 503, as for the role routes: SDKs retry it, and get a token
+        // bound to their container once it is known.
+        if matches!(workload.role, RoleState::Pending)
+            && (matches!(wanted, Wanted::Token(_)) || seen.token.is_some())
+        {
+            tracing::warn!(caller = %workload.ip, "answering 503: the container index has not synced with the Docker Engine yet");
+            return Outcome {
+                response: r.error(StatusCode::SERVICE_UNAVAILABLE),
+                workload: Some(workload),
+            }
+            .into();
+        }
         if let Wanted::Token(ttl) = wanted {
+            // A caller in a container network that no known container holds (its container
+            // started a moment ago and the engine has not confirmed it within the wait): a token
+            // now would be bound to no container, and SDKs keep a token for hours, so the
+            // container would be refused with it long after it is known. 503: SDKs retry.
+            if workload.unplaced() {
+                tracing::info!(caller = %workload.ip, "answering 503 to a token request: no known container has this address yet");
+                return Outcome {
+                    response: r.error(StatusCode::SERVICE_UNAVAILABLE),
+                    workload: Some(workload),
+                }
+                .into();
+            }
             return Outcome {
                 response: self.issue_token(&workload, ttl),
                 workload: Some(workload),
@@ -928,6 +954,121 @@ fn instance_profile_id(arn: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The metadata service with fake credentials, telling containers apart through an index
+    /// that has not synced with the engine (yet, or again after losing it).
+    fn unsynced() -> (Arc<Imds>, crate::index::IndexWriter) {
+        use crate::identity::IdentityConfig;
+        use crate::identity::role::AccountContext;
+        use crate::instance::{Instance, InstanceDefaults, InstanceSection};
+        let clock: SharedClock = Arc::new(crate::clock::SystemClock);
+        let mut identity = Identity::new(
+            IdentityConfig {
+                default_role: None,
+                mapping: crate::identity::mapping::RoleMapping::default(),
+                session_name_template: None,
+                containers: crate::identity::container::ContainerRules::default(),
+            },
+            AccountContext {
+                default_account: Some("123456789012".into()),
+                partition: "aws".into(),
+                aliases: std::collections::HashMap::new(),
+            },
+        )
+        .expect("valid");
+        let (index, writer) = crate::index::index();
+        identity.attach_index(index);
+        let source = Arc::new(crate::credentials::fake::FakeSource::new(
+            Duration::from_secs(3600),
+            clock.clone(),
+        ));
+        let instance = Instance::resolve(&InstanceSection::default(), &InstanceDefaults::default())
+            .expect("valid");
+        let imds = Imds::new(
+            Tree::build(&instance),
+            Tokens::new(token::TokenKey::from_bytes([7; 32])),
+            Arc::new(identity),
+            Broker::new(source, clock.clone(), Default::default()),
+            ImdsOptions::default(),
+            clock,
+            Arc::new(Metrics::default()),
+        );
+        (Arc::new(imds), writer)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_no_known_container_holds_gets_no_token_to_keep() {
+        let (imds, mut writer) = unsynced();
+        writer.set_networks(vec![crate::index::Subnet {
+            network: "net".into(),
+            net: "172.18.0.0/16".parse().expect("net"),
+            gateway: Some("172.18.0.1".parse().expect("ip")),
+            served: true,
+        }]);
+        let _ = writer.apply(crate::index::Change::Replace(Vec::new()));
+        writer.set_ready();
+        // After the bounded wait the caller is still nobody's: a token would be bound to nobody,
+        // and its container, once known, would be refused with it for the token's hours.
+        assert_eq!(
+            ask(&imds, Method::PUT, "/latest/api/token", None).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // Without a token, it is the unknown caller it is: no role.
+        let listing = Request::builder()
+            .uri("/latest/meta-data/iam/security-credentials/")
+            .body(())
+            .expect("request");
+        let response = imds
+            .clone()
+            .handle(
+                listing,
+                "172.18.0.2".parse().expect("ip"),
+                &ConnectionCaller::default(),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
+
+    async fn ask(imds: &Arc<Imds>, method: Method, path: &str, token: Option<&str>) -> StatusCode {
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(token) = token {
+            request = request.header("x-aws-ec2-metadata-token", token);
+        } else {
+            request = request.header(TOKEN_TTL_HEADER, "21600");
+        }
+        let request = request.body(()).expect("request");
+        let caller: IpAddr = "172.18.0.2".parse().expect("ip");
+        imds.clone()
+            .handle(request, caller, &ConnectionCaller::default())
+            .await
+            .status()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn until_the_index_has_synced_no_token_is_issued_or_accepted() {
+        let (imds, _writer) = unsynced();
+        // A token now would be bound to nobody the caller can ever be: refused, retryably.
+        assert_eq!(
+            ask(&imds, Method::PUT, "/latest/api/token", None).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // A token issued before the engine was lost cannot be checked against anybody now.
+        let issued = imds
+            .tokens
+            .issue(b"ctr:someone:t1", 60, SystemTime::now())
+            .expect("rng");
+        assert_eq!(
+            ask(
+                &imds,
+                Method::GET,
+                "/latest/meta-data/iam/security-credentials/",
+                Some(&issued)
+            )
+            .await,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a retryable 503, not the 401 that makes SDKs give up"
+        );
+    }
 
     #[test]
     fn requests_are_counted_by_the_route_they_parse_to() {

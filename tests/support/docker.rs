@@ -5,6 +5,10 @@
 //! Include it from an integration test with
 //! `#[path = "support/docker.rs"] mod docker;`.
 //!
+//! The same networks and containers work on a test's own rootful Podman (`support/podman.rs`,
+//! which includes this file's types): an [`Engine`] says which CLI runs the commands, and the
+//! few places where the two CLIs differ (flags, messages) ask it.
+//!
 //! Everything created here is labelled `imdsd-test=1` plus `imdsd-test.pid=<pid of the test
 //! process>`, and named `imdsd-test-<label>-<pid>-<n>`. `Drop` removes networks and containers,
 //! also when a test panics; [`cleanup_stale`] removes what a killed test process (a nextest
@@ -24,14 +28,14 @@
 #![allow(dead_code)]
 
 use std::collections::HashSet;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Label carried by every network and container this harness creates (value "1").
@@ -47,10 +51,121 @@ pub const IMAGE_REPO: &str = "imdsd-test";
 /// still uses is never removed (`docker image rm` without `--force` refuses).
 const STALE_IMAGE_AGE: Duration = Duration::from_secs(10 * 60);
 
+/// Third octets of the `169.254.N.0/24` subnets that Podman test networks take, and Docker test
+/// networks never do. Podman and Docker share the host's routing table but not their view of
+/// networks: Docker creates a network whose subnet a Podman network (idle, so with no route on
+/// the host yet) already has, and the two collide once both have containers. Kept clear of the
+/// other ranges tests use: 169 (the metadata network), 170 (container credentials), and
+/// 200–250 (tests/network.rs).
+pub const PODMAN_OCTETS: std::ops::RangeInclusive<u8> = 100..=119;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 // ---------------------------------------------------------------------------------------------
-// The docker CLI
+// The engines' CLIs
+
+/// Which engine a network or container lives in, and so which CLI runs the harness's commands:
+/// the machine's Docker Engine, or a test's own rootful Podman, whose CLI needs that test's
+/// configuration in its environment (see `support/podman.rs`).
+#[derive(Debug, Clone, Default)]
+pub enum Engine {
+    #[default]
+    Docker,
+    Podman(Arc<PodmanCli>),
+}
+
+/// How to run one test's Podman.
+#[derive(Debug)]
+pub struct PodmanCli {
+    /// `CONTAINERS_CONF` and `CONTAINERS_STORAGE_CONF`, for every `podman` command.
+    pub env: Vec<(OsString, OsString)>,
+    /// The test image, imported into this Podman's store (empty until it is).
+    pub image: String,
+    /// Its API service's socket, for what the CLI of Podman 4.3 cannot do.
+    pub socket: PathBuf,
+}
+
+impl Engine {
+    pub fn program(&self) -> &'static str {
+        match self {
+            Engine::Docker => "docker",
+            Engine::Podman(_) => "podman",
+        }
+    }
+
+    pub fn is_podman(&self) -> bool {
+        matches!(self, Engine::Podman(_))
+    }
+
+    /// The engine's CLI with its environment, stdin closed.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(self.program());
+        if let Engine::Podman(cli) = self {
+            cmd.envs(cli.env.iter().map(|(k, v)| (k, v)));
+        }
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `CLI ARGS` to completion. `Err` only when the CLI cannot be started at all.
+    pub fn try_run<I, S>(&self, args: I) -> std::io::Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.command().args(args).output()
+    }
+
+    /// Runs `CLI ARGS`; panics if the CLI cannot be started (the caller judges the exit status).
+    pub fn run<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.try_run(args)
+            .unwrap_or_else(|e| panic!("cannot run the {} CLI: {e}", self.program()))
+    }
+
+    /// Runs `CLI ARGS`, panicking with its stderr unless it succeeds; returns stdout, trimmed.
+    pub fn run_ok<I, S>(&self, args: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<S> = args.into_iter().collect();
+        let out = self.run(&args);
+        if !out.status.success() {
+            panic!(
+                "`{} {}` failed ({}): {}",
+                self.program(),
+                show_args(&args),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The test image in this engine.
+    pub fn image(&self) -> String {
+        match self {
+            Engine::Docker => test_image(),
+            Engine::Podman(cli) => {
+                assert!(!cli.image.is_empty(), "the test image is not imported yet");
+                cli.image.clone()
+            }
+        }
+    }
+
+    /// `rm` of containers at once: Podman waits 10 s for a container that ignores SIGTERM
+    /// (`sleep` as PID 1) unless told not to.
+    fn rm_args(&self) -> &'static [&'static str] {
+        match self {
+            Engine::Docker => &["rm", "--force", "--volumes"],
+            Engine::Podman(_) => &["rm", "--force", "--volumes", "--time", "0"],
+        }
+    }
+}
 
 /// Runs `docker ARGS` to completion. `Err` only when the CLI cannot be started at all.
 fn try_docker<I, S>(args: I) -> std::io::Result<Output>
@@ -58,10 +173,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
+    Engine::Docker.try_run(args)
 }
 
 /// Runs `docker ARGS`; panics if the CLI cannot be started (the caller judges the exit status).
@@ -70,7 +182,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    try_docker(args).unwrap_or_else(|e| panic!("cannot run the docker CLI: {e}"))
+    Engine::Docker.run(args)
 }
 
 /// Runs `docker ARGS`, panicking with its stderr unless it succeeds; returns stdout, trimmed.
@@ -79,17 +191,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let args: Vec<S> = args.into_iter().collect();
-    let out = docker(&args);
-    if !out.status.success() {
-        panic!(
-            "`docker {}` failed ({}): {}",
-            show_args(&args),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    Engine::Docker.run_ok(args)
 }
 
 fn show_args<S: AsRef<OsStr>>(args: &[S]) -> String {
@@ -128,7 +230,7 @@ pub fn require_docker() {
 }
 
 /// `imdsd-test-<label>-<pid>-<n>`, unique within the machine while this process lives.
-fn unique_name(label: &str) -> String {
+pub fn unique_name(label: &str) -> String {
     let label: String = label
         .chars()
         .map(|c| {
@@ -144,7 +246,7 @@ fn unique_name(label: &str) -> String {
 }
 
 /// The labels every harness resource carries.
-fn ownership_labels() -> [String; 4] {
+pub fn ownership_labels() -> [String; 4] {
     [
         "--label".into(),
         format!("{TEST_LABEL}=1"),
@@ -184,47 +286,107 @@ pub fn test_image() -> String {
 
 fn build_test_image() -> String {
     require_docker();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let binary = Path::new(env!("CARGO_BIN_EXE_imdsd"));
-    let script = root.join("scripts/build-image");
-    let dockerfile = root.join("Dockerfile");
-    let hash = content_hash(&[binary, &script, &dockerfile]);
+    let hash = image_hash();
     let tag = format!("{IMAGE_REPO}:{hash}");
-    mark_image_in_use(&hash);
-
     if !docker(["image", "inspect", "--format", "{{.Id}}", &tag])
         .status
         .success()
     {
         // Checked again under the lock: another process may have built it while we waited.
-        let lock = coordination_dir().join("imdsd-test-image.lock");
-        let out = Command::new("flock")
-            .args(["--exclusive", "--timeout", "600"])
-            .arg(&lock)
-            .args([
-                "bash",
-                "-c",
-                r#"docker image inspect "$1" >/dev/null 2>&1 || exec "$2" --with-busybox --binary "$3" --tag "$1""#,
-                "build-image",
-                &tag,
-            ])
-            .arg(&script)
-            .arg(binary)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run flock(1) (util-linux) to build {tag}: {e}"));
-        if !out.status.success() {
-            panic!(
-                "building the test image {tag} with {} failed ({}):\n{}\n{}",
-                script.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        build_image_locked(
+            &tag,
+            r#"docker image inspect "$1" >/dev/null 2>&1 || exec "$2" --with-busybox --binary "$3" --tag "$1""#,
+            &tag,
+        );
     }
     prune_test_images(&hash);
     tag
+}
+
+/// The file system of the test image as a tarball (`scripts/build-image --rootfs-tar`), for
+/// engines that import it (`podman import`) rather than build it with Docker, and its hash.
+/// Built once per hash on this machine, under the same lock as the Docker image.
+pub fn test_rootfs_tarball() -> (PathBuf, String) {
+    let hash = image_hash();
+    let dir = rootfs_dir();
+    let _ = std::fs::create_dir_all(&dir);
+    let tarball = dir.join(format!("{hash}.tar"));
+    if !tarball.is_file() {
+        build_image_locked(
+            &tarball.display().to_string(),
+            r#"[[ -f "$1" ]] || exec "$2" --with-busybox --binary "$3" --rootfs-tar "$1""#,
+            &format!("the test image's file system {}", tarball.display()),
+        );
+    }
+    prune_test_images(&hash);
+    (tarball, hash)
+}
+
+/// The Dockerfile's instructions that describe the image rather than build it (`ENV`,
+/// `ENTRYPOINT`, …), as `podman import --change` takes them: the image imported from
+/// [`test_rootfs_tarball`] is configured exactly as the one Docker builds.
+pub fn dockerfile_changes() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.lines()
+        .map(str::trim)
+        .filter(|line| {
+            [
+                "ENV ",
+                "ENTRYPOINT ",
+                "CMD ",
+                "EXPOSE ",
+                "WORKDIR ",
+                "USER ",
+                "LABEL ",
+            ]
+            .iter()
+            .any(|k| line.starts_with(k))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// The hash of what goes into the test image (the binary under test, `Dockerfile` and
+/// `scripts/build-image`), marked as in use.
+fn image_hash() -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let binary = Path::new(env!("CARGO_BIN_EXE_imdsd"));
+    let hash = content_hash(&[
+        binary,
+        &root.join("scripts/build-image"),
+        &root.join("Dockerfile"),
+    ]);
+    mark_image_in_use(&hash);
+    hash
+}
+
+/// Runs the bash `snippet` with `$1` = `target`, `$2` = scripts/build-image and `$3` = the binary
+/// under test, holding an exclusive `flock(1)` on `/tmp/imdsd-test-image.lock`; panics with the
+/// script's output if it fails.
+fn build_image_locked(target: &str, snippet: &str, what: &str) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = root.join("scripts/build-image");
+    let lock = coordination_dir().join("imdsd-test-image.lock");
+    let out = Command::new("flock")
+        .args(["--exclusive", "--timeout", "600"])
+        .arg(&lock)
+        .args(["bash", "-c", snippet, "build-image", target])
+        .arg(&script)
+        .arg(env!("CARGO_BIN_EXE_imdsd"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run flock(1) (util-linux) to build {what}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "building {what} with {} failed ({}):\n{}\n{}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// First 12 hex digits of the SHA-256 of the files' SHA-256s (sha256sum(1): fast even on a
@@ -282,6 +444,19 @@ fn image_marker_dir() -> PathBuf {
     coordination_dir().join("imdsd-test-images")
 }
 
+/// Directory of the test image's file system tarballs, `<hash>.tar`.
+fn rootfs_dir() -> PathBuf {
+    coordination_dir().join("imdsd-test-rootfs")
+}
+
+/// Whether no test has used the image of `hash` lately (see [`STALE_IMAGE_AGE`]).
+fn image_stale(hash: &str) -> bool {
+    match std::fs::metadata(image_marker_dir().join(hash)).and_then(|m| m.modified()) {
+        Ok(used) => used.elapsed().is_ok_and(|age| age > STALE_IMAGE_AGE),
+        Err(_) => true,
+    }
+}
+
 fn mark_image_in_use(hash: &str) {
     let dir = image_marker_dir();
     let _ = std::fs::create_dir_all(&dir);
@@ -295,8 +470,22 @@ fn mark_image_in_use(hash: &str) {
     }
 }
 
-/// Best effort: removes `imdsd-test:*` tags other than `current` that no test used lately.
+/// Best effort: removes `imdsd-test:*` tags and file system tarballs other than `current`'s that
+/// no test used lately.
 fn prune_test_images(current: &str) {
+    if let Ok(entries) = std::fs::read_dir(rootfs_dir()) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let hash = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+            // Only finished tarballs: `<hash>.tar.partial` is being written.
+            let tarball = path.extension().is_some_and(|e| e == "tar");
+            if let Some(hash) = hash.filter(|h| tarball && h != current)
+                && image_stale(&hash)
+            {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
     let Ok(out) = try_docker(["image", "ls", IMAGE_REPO, "--format", "{{.Tag}}"]) else {
         return;
     };
@@ -307,11 +496,7 @@ fn prune_test_images(current: &str) {
             continue;
         }
         let marker = dir.join(tag);
-        let stale = match std::fs::metadata(&marker).and_then(|m| m.modified()) {
-            Ok(used) => used.elapsed().is_ok_and(|age| age > STALE_IMAGE_AGE),
-            Err(_) => true,
-        };
-        if stale {
+        if image_stale(tag) {
             let removed = try_docker(["image", "rm", &format!("{IMAGE_REPO}:{tag}")])
                 .is_ok_and(|o| o.status.success());
             if removed {
@@ -328,6 +513,10 @@ fn prune_test_images(current: &str) {
 /// `169.254.169.0/24`, nor 170), gateway `169.254.N.1`. The host owns the gateway address, so a
 /// daemon started by the test can listen there and see containers' real source addresses.
 /// Dropping it removes the network and any container still attached.
+///
+/// On Podman the gateway is on the host only while a container is attached (netavark creates
+/// the bridge with the first container and deletes it with the last): see
+/// [`TestNetwork::wait_gateway`].
 #[derive(Debug)]
 pub struct TestNetwork {
     pub name: String,
@@ -335,40 +524,76 @@ pub struct TestNetwork {
     pub gateway: IpAddr,
     /// The host's IPv6 address on a dual-stack network (`fd00:db8:N::1`).
     pub gateway6: Option<IpAddr>,
+    pub engine: Engine,
+    /// The subnet's claim among Podman test processes (see [`OctetClaim`]).
+    claim: Option<OctetClaim>,
 }
 
 impl TestNetwork {
     /// Creates `imdsd-test-<label>-<pid>-<n>` on a free `169.254.N.0/24`.
     pub fn create(label: &str) -> TestNetwork {
-        Self::create_on_free_subnet(label, false)
+        Self::create_on_free_subnet(&Engine::Docker, label, false)
+    }
+
+    /// As [`TestNetwork::create`], in `engine`.
+    pub fn create_in(engine: &Engine, label: &str) -> TestNetwork {
+        Self::create_on_free_subnet(engine, label, false)
     }
 
     /// As [`TestNetwork::create`], plus IPv6 on `fd00:db8:N::/64` (the host at `::1`).
     pub fn create_dual_stack(label: &str) -> TestNetwork {
-        Self::create_on_free_subnet(label, true)
+        Self::create_on_free_subnet(&Engine::Docker, label, true)
     }
 
-    fn create_on_free_subnet(label: &str, ipv6: bool) -> TestNetwork {
-        require_docker();
-        cleanup_stale_once();
+    fn create_on_free_subnet(engine: &Engine, label: &str, ipv6: bool) -> TestNetwork {
+        if !engine.is_podman() {
+            require_docker();
+            cleanup_stale_once();
+        }
         let name = unique_name(label);
-        let used = link_local_octets_in_use();
-        let candidates: Vec<u8> = (1..=254u8)
-            .filter(|n| *n != 169 && *n != 170 && !used.contains(n))
-            .collect();
+        let candidates = free_octets(engine);
         assert!(
             !candidates.is_empty(),
-            "every 169.254.N.0/24 is taken by a Docker network"
+            "every 169.254.N.0/24 a {} test network may take is in use",
+            engine.program()
         );
         // Concurrent test processes start at different places, and retry past each other's
-        // choices: Docker refuses an overlapping subnet ("Pool overlaps ...").
+        // choices: Docker refuses an overlapping subnet ("Pool overlaps ..."), Podman one that
+        // is "already used on the host or by another config".
         let start = pseudo_random() as usize % candidates.len();
         let mut last_error = String::new();
         for i in 0..candidates.len() {
             let n = candidates[(start + i) % candidates.len()];
-            match Self::try_create(&name, n, 1, ipv6) {
-                Ok(network) => return network,
-                Err(e) if e.contains("overlap") => last_error = e,
+            // Podman test processes cannot see each other's networks (each has its own
+            // configuration), so they claim a subnet before creating it.
+            let claim = if engine.is_podman() {
+                match OctetClaim::take(n) {
+                    Some(claim) => Some(claim),
+                    None => continue,
+                }
+            } else {
+                None
+            };
+            // Podman checks the subnet against every host interface's addresses, and fails
+            // when one of them (another test's veth) goes away meanwhile: try again.
+            let mut created = Self::try_create(engine, &name, n, 1, ipv6);
+            for _ in 0..5 {
+                match &created {
+                    Err(e) if e.contains("no such network interface") => {
+                        std::thread::sleep(Duration::from_millis(100));
+                        created = Self::try_create(engine, &name, n, 1, ipv6);
+                    }
+                    _ => break,
+                }
+            }
+            match created {
+                Ok(mut network) => {
+                    network.claim = claim;
+                    return network;
+                }
+                Err(e) if e.contains("overlap") || e.contains("already used on the host") => {
+                    last_error = e;
+                }
                 Err(e) => panic!("{e}"),
             }
         }
@@ -382,56 +607,122 @@ impl TestNetwork {
         require_docker();
         cleanup_stale_once();
         let name = unique_name(label);
-        Self::try_create(&name, 170, 2, false).unwrap_or_else(|e| panic!("{e}"))
+        Self::try_create(&Engine::Docker, &name, 170, 2, false).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// `docker network create` on `169.254.<n>.0/24` with the gateway at `.<gateway_host>`.
-    fn try_create(name: &str, n: u8, gateway_host: u8, ipv6: bool) -> Result<TestNetwork, String> {
+    /// `network create` on `169.254.<n>.0/24` with the gateway at `.<gateway_host>`.
+    fn try_create(
+        engine: &Engine,
+        name: &str,
+        n: u8,
+        gateway_host: u8,
+        ipv6: bool,
+    ) -> Result<TestNetwork, String> {
         let subnet = format!("169.254.{n}.0/24");
         let gateway = Ipv4Addr::new(169, 254, n, gateway_host);
-        let mut args: Vec<String> = vec![
-            "network".into(),
-            "create".into(),
-            "--driver".into(),
-            "bridge".into(),
-            "--subnet".into(),
-            subnet.clone(),
-            "--gateway".into(),
-            gateway.to_string(),
-        ];
-        let gateway6: Option<IpAddr> = ipv6.then(|| {
-            let g = std::net::Ipv6Addr::new(0xfd00, 0x0db8, u16::from(n), 0, 0, 0, 0, 1);
-            args.extend([
-                "--ipv6".into(),
-                "--subnet".into(),
-                format!("fd00:db8:{n:x}::/64"),
-                "--gateway".into(),
-                g.to_string(),
-            ]);
-            IpAddr::V6(g)
+        let gateway6 = ipv6.then(|| {
+            IpAddr::V6(std::net::Ipv6Addr::new(
+                0xfd00,
+                0x0db8,
+                u16::from(n),
+                0,
+                0,
+                0,
+                0,
+                1,
+            ))
         });
-        args.extend(ownership_labels());
-        args.push(name.to_string());
-        let mut out = docker(&args);
-        if !out.status.success() && stderr_of(&out).contains("already exists") {
+        let subnet6 = format!("fd00:db8:{n:x}::/64");
+        let create = || match engine {
+            Engine::Docker => {
+                let mut args: Vec<String> = vec![
+                    "network".into(),
+                    "create".into(),
+                    "--driver".into(),
+                    "bridge".into(),
+                    "--subnet".into(),
+                    subnet.clone(),
+                    "--gateway".into(),
+                    gateway.to_string(),
+                ];
+                if let Some(g6) = gateway6 {
+                    args.extend([
+                        "--ipv6".into(),
+                        "--subnet".into(),
+                        subnet6.clone(),
+                        "--gateway".into(),
+                        g6.to_string(),
+                    ]);
+                }
+                args.extend(ownership_labels());
+                args.push(name.to_string());
+                let out = engine.run(&args);
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "`docker {}` failed: {}",
+                        show_args(&args),
+                        stderr_of(&out)
+                    ))
+                }
+            }
+            Engine::Podman(cli) => {
+                let mut subnets = vec![serde_json::json!({"subnet": subnet, "gateway": gateway})];
+                if let Some(g6) = gateway6 {
+                    subnets.push(serde_json::json!({"subnet": subnet6, "gateway": g6}));
+                }
+                // Through the API: Podman 4.3's CLI cannot name the bridge, and Podman numbers
+                // bridges by its own networks (podman1, podman2, …), so two tests' Podmans would
+                // share `podman1`. The subnet's octet is this process's (see OctetClaim).
+                // No DNS: aardvark-dns would take the gateway's port 53.
+                let network = serde_json::json!({
+                    "name": name,
+                    "driver": "bridge",
+                    "network_interface": format!("imdsdpm{n}"),
+                    "subnets": subnets,
+                    "ipv6_enabled": ipv6,
+                    "dns_enabled": false,
+                    "labels": {
+                        TEST_LABEL: "1",
+                        PID_LABEL: std::process::id().to_string(),
+                    },
+                });
+                match podman_api(
+                    &cli.socket,
+                    "POST",
+                    "/v4.0.0/libpod/networks/create",
+                    &network.to_string(),
+                ) {
+                    Ok((200..=299, _)) => Ok(()),
+                    Ok((status, body)) => Err(format!(
+                        "creating Podman network {name} on {subnet}: {status} {body}"
+                    )),
+                    Err(e) => Err(format!("creating Podman network {name}: {e}")),
+                }
+            }
+        };
+        let mut created = create();
+        if created
+            .as_ref()
+            .is_err_and(|e| e.contains("already exists"))
+        {
             // Our name, from an earlier process that had our pid: it is stale.
-            remove_network(name);
-            out = docker(&args);
+            remove_network(engine, name);
+            created = create();
         }
-        if !out.status.success() {
-            return Err(format!(
-                "`docker {}` failed: {}",
-                show_args(&args),
-                stderr_of(&out)
-            ));
-        }
+        created?;
         let network = TestNetwork {
             name: name.to_string(),
             subnet,
             gateway: IpAddr::V4(gateway),
             gateway6,
+            engine: engine.clone(),
+            claim: None,
         };
-        network.wait_gateway_bindable();
+        if !engine.is_podman() {
+            network.wait_gateway();
+        }
         Ok(network)
     }
 
@@ -446,7 +737,9 @@ impl TestNetwork {
         }
     }
 
-    fn wait_gateway_bindable(&self) {
+    /// Waits until the host can bind the gateway address: at once on Docker, after a container
+    /// has joined on Podman.
+    pub fn wait_gateway(&self) {
         self.wait_bindable(self.gateway);
     }
 
@@ -477,31 +770,40 @@ impl TestNetwork {
 
 impl Drop for TestNetwork {
     fn drop(&mut self) {
-        remove_network(&self.name);
+        remove_network(&self.engine, &self.name);
     }
 }
 
 /// Force-removes the containers attached to a network, then the network. Never panics (it runs
 /// in `Drop`, possibly while a failed test unwinds).
-fn remove_network(name_or_id: &str) {
-    if let Ok(out) = try_docker([
-        "network",
-        "inspect",
-        "--format",
-        "{{range $id, $c := .Containers}}{{$id}} {{end}}",
-        name_or_id,
-    ]) {
+pub fn remove_network(engine: &Engine, name_or_id: &str) {
+    let attached = match engine {
+        Engine::Docker => "{{range $id, $c := .Containers}}{{$id}} {{end}}",
+        // Podman's network record does not list containers.
+        Engine::Podman(_) => "",
+    };
+    if !attached.is_empty()
+        && let Ok(out) = engine.try_run(["network", "inspect", "--format", attached, name_or_id])
+    {
         for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = try_docker(["rm", "--force", "--volumes", id]);
+            let _ = engine.try_run(engine.rm_args().iter().chain([&id]));
         }
     }
+    // Podman removes the containers with the network (`--force`), without waiting for them.
+    let rm: &[&str] = match engine {
+        Engine::Docker => &["network", "rm"],
+        Engine::Podman(_) => &["network", "rm", "--force", "--time", "0"],
+    };
     // `docker rm -f` returns once the container is gone, but give a racing removal a moment.
     for attempt in 0..5 {
-        match try_docker(["network", "rm", name_or_id]) {
+        match engine.try_run(rm.iter().chain([&name_or_id])) {
             Ok(out) if out.status.success() => return,
             Ok(out) => {
                 let err = stderr_of(&out);
-                if err.contains("not found") || err.contains("No such network") {
+                if err.contains("not found")
+                    || err.contains("No such network")
+                    || err.contains("network not found")
+                {
                     return;
                 }
                 if attempt == 4 {
@@ -517,6 +819,50 @@ fn remove_network(name_or_id: &str) {
     }
 }
 
+/// One request to a Podman API service on its unix socket: the status and the body.
+pub fn podman_api(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    use std::io::Read as _;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: d\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    Ok((status, body))
+}
+
+/// The third octets `engine`'s next test network may take: not in use by a Docker network, nor
+/// routed or addressed on this host (a Podman network with a container, a Swarm's gateway
+/// bridge), and in the engine's own range (see [`PODMAN_OCTETS`]).
+fn free_octets(engine: &Engine) -> Vec<u8> {
+    let mut used = link_local_octets_in_use();
+    used.extend(link_local_octets_on_host());
+    let range: Vec<u8> = match engine {
+        Engine::Docker => (1..=254u8)
+            .filter(|n| *n != 169 && *n != 170 && !PODMAN_OCTETS.contains(n))
+            .collect(),
+        Engine::Podman(_) => PODMAN_OCTETS.collect(),
+    };
+    range.into_iter().filter(|n| !used.contains(n)).collect()
+}
+
 /// Third octets of the `169.254.N.0/24`-style subnets Docker networks use now.
 fn link_local_octets_in_use() -> HashSet<u8> {
     let ids = docker_ok(["network", "ls", "--quiet"]);
@@ -530,11 +876,107 @@ fn link_local_octets_in_use() -> HashSet<u8> {
     // A network removed between `ls` and `inspect` fails the inspect; then there is nothing to
     // avoid from this list, and a clash is still caught by Docker's overlap check.
     let out = docker(&args);
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|subnet| subnet.strip_prefix("169.254."))
+    octets_of(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Third octets of the `169.254.N.…` routes and addresses on this host.
+fn link_local_octets_on_host() -> HashSet<u8> {
+    let mut text = String::new();
+    for args in [["-4", "route", "show"], ["-4", "addr", "show"]] {
+        if let Ok(out) = Command::new("ip").args(args).stdin(Stdio::null()).output() {
+            text.push_str(&String::from_utf8_lossy(&out.stdout));
+            text.push(' ');
+        }
+    }
+    octets_of(&text)
+}
+
+/// The `N` of every `169.254.N.…` word in `text`, except the metadata network's own 169, which
+/// the test subnets never take anyway.
+fn octets_of(text: &str) -> HashSet<u8> {
+    text.split_whitespace()
+        .filter_map(|word| word.strip_prefix("169.254."))
         .filter_map(|rest| rest.split('.').next()?.parse().ok())
         .collect()
+}
+
+/// A Podman test process's claim on `169.254.N.0/24`: the file `/tmp/imdsd-test-subnets/<N>`,
+/// holding the claimer's pid. Each Podman test process has its own network configuration, so
+/// Podman itself cannot tell two of them apart until both have containers on the subnet.
+/// Claims are made under a lock on the directory's `.lock`; a claim whose process is gone is
+/// taken over, and a claim is released on drop.
+#[derive(Debug)]
+pub struct OctetClaim {
+    path: PathBuf,
+}
+
+impl OctetClaim {
+    fn dir() -> PathBuf {
+        coordination_dir().join("imdsd-test-subnets")
+    }
+
+    /// The claims' lock, held until dropped.
+    fn lock() -> Option<std::fs::File> {
+        let _ = std::fs::create_dir_all(Self::dir());
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(Self::dir().join(".lock"))
+            .ok()?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).ok()?;
+        Some(lock)
+    }
+
+    fn take(n: u8) -> Option<OctetClaim> {
+        let _lock = Self::lock()?;
+        let path = Self::dir().join(n.to_string());
+        if let Ok(holder) = std::fs::read_to_string(&path)
+            && !process_gone(holder.trim())
+        {
+            return None;
+        }
+        std::fs::write(&path, std::process::id().to_string()).ok()?;
+        Some(OctetClaim { path })
+    }
+}
+
+/// A free `169.254.N.0/24` in the Podman range, claimed until the claim is dropped: for a test
+/// that has something else (`imdsd network up`) create the network.
+pub fn claim_podman_subnet() -> (u8, OctetClaim) {
+    let used: HashSet<u8> = link_local_octets_in_use()
+        .into_iter()
+        .chain(link_local_octets_on_host())
+        .collect();
+    PODMAN_OCTETS
+        .filter(|n| !used.contains(n))
+        .find_map(|n| OctetClaim::take(n).map(|claim| (n, claim)))
+        .expect("a free 169.254.N.0/24 in the Podman test range")
+}
+
+/// Removes the subnet claims of processes that are gone (a test killed before its `Drop`s ran).
+pub fn remove_stale_octet_claims() {
+    let Some(_lock) = OctetClaim::lock() else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(OctetClaim::dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.file_name().is_some_and(|n| n != ".lock")
+            && let Ok(holder) = std::fs::read_to_string(&path)
+            && process_gone(holder.trim())
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+impl Drop for OctetClaim {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Differs between processes and calls; no need for a real random number here.
@@ -570,15 +1012,18 @@ pub struct RunOpts {
     pub args: Vec<String>,
     /// More `docker run` options, placed before the image (e.g. `-v`, `--cap-add`).
     pub extra: Vec<String>,
+    /// Where it runs (Docker unless set).
+    pub engine: Engine,
 }
 
 impl RunOpts {
-    /// The test image on `network`.
+    /// The test image on `network`, in the network's engine.
     pub fn new(network: &TestNetwork, name: &str) -> RunOpts {
         RunOpts {
             name: name.to_string(),
             network: network.name.clone(),
-            image: test_image(),
+            image: network.engine.image(),
+            engine: network.engine.clone(),
             ..RunOpts::default()
         }
     }
@@ -637,14 +1082,18 @@ pub struct TestContainer {
     /// Its address on the requested network: the fixed one, or what Docker assigned (read right
     /// after start; `None` if it had already exited, or on "none").
     pub ip: Option<IpAddr>,
+    pub engine: Engine,
     removed: bool,
 }
 
 impl TestContainer {
     /// `docker run --detach` with the harness's labels; panics with Docker's error on failure.
     pub fn run(opts: &RunOpts) -> TestContainer {
-        require_docker();
-        cleanup_stale_once();
+        let engine = &opts.engine;
+        if !engine.is_podman() {
+            require_docker();
+            cleanup_stale_once();
+        }
         assert!(!opts.image.is_empty(), "RunOpts.image is empty");
         let name = if opts.exact_name {
             opts.name.clone()
@@ -684,23 +1133,29 @@ impl TestContainer {
         args.push(opts.image.clone());
         args.extend(opts.args.iter().cloned());
 
-        let mut out = docker(&args);
-        if !out.status.success() && opts.exact_name && stderr_of(&out).contains("is already in use")
-        {
+        let mut out = engine.run(&args);
+        if !out.status.success() && opts.exact_name && stderr_of(&out).contains("already in use") {
             // Someone else's container, or one the test has not removed yet: leave it alone.
-            panic!("`docker {}` failed: {}", show_args(&args), stderr_of(&out));
+            panic!("`{}` failed: {}", show_args(&args), stderr_of(&out));
         }
-        if !out.status.success() && stderr_of(&out).contains("is already in use") {
+        if !out.status.success() && stderr_of(&out).contains("already in use") {
             // Our name, from an earlier process that had our pid: it is stale.
-            let _ = try_docker(["rm", "--force", "--volumes", &name]);
-            out = docker(&args);
+            let _ = engine.try_run(engine.rm_args().iter().chain([&name.as_str()]));
+            out = engine.run(&args);
         }
         if !out.status.success() {
             // `docker run -d` can create the container and then fail to start it.
-            let _ = try_docker(["rm", "--force", "--volumes", &name]);
-            panic!("`docker {}` failed: {}", show_args(&args), stderr_of(&out));
+            let _ = engine.try_run(engine.rm_args().iter().chain([&name.as_str()]));
+            panic!(
+                "`{} {}` failed: {}",
+                engine.program(),
+                show_args(&args),
+                stderr_of(&out)
+            );
         }
-        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        // Podman prints the id last, after what it did to get the image.
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let id = stdout.lines().last().unwrap_or_default().trim().to_string();
         let ip = opts.ip.or_else(|| {
             if opts.network.is_empty() || opts.network == "none" {
                 return None;
@@ -709,20 +1164,21 @@ impl TestContainer {
                 "{{{{with index .NetworkSettings.Networks \"{}\"}}}}{{{{.IPAddress}}}}{{{{end}}}}",
                 opts.network
             );
-            let out = docker(["container", "inspect", "--format", &template, &id]);
+            let out = engine.run(["container", "inspect", "--format", &template, &id]);
             String::from_utf8_lossy(&out.stdout).trim().parse().ok()
         });
         TestContainer {
             id,
             name,
             ip,
+            engine: engine.clone(),
             removed: false,
         }
     }
 
     /// Everything the container wrote: stdout, then stderr.
     pub fn logs(&self) -> String {
-        let out = docker(["logs", &self.id]);
+        let out = self.engine.run(["logs", &self.id]);
         format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -732,24 +1188,25 @@ impl TestContainer {
 
     /// What the container wrote to stdout only (`imdsd probe` prints its JSON line there).
     pub fn stdout(&self) -> String {
-        String::from_utf8_lossy(&docker(["logs", &self.id]).stdout).into_owned()
+        String::from_utf8_lossy(&self.engine.run(["logs", &self.id]).stdout).into_owned()
     }
 
     /// What the container wrote to stderr only (imdsd's logs).
     pub fn stderr(&self) -> String {
-        String::from_utf8_lossy(&docker(["logs", &self.id]).stderr).into_owned()
+        String::from_utf8_lossy(&self.engine.run(["logs", &self.id]).stderr).into_owned()
     }
 
     /// Waits for the container to exit and returns its exit code; panics, showing its logs, if
     /// it still runs after `timeout`.
     pub fn wait_exit(&self, timeout: Duration) -> i64 {
-        let mut child = Command::new("docker")
+        let mut child = self
+            .engine
+            .command()
             .args(["wait", &self.id])
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("run `docker wait`");
+            .unwrap_or_else(|e| panic!("run `{} wait`: {e}", self.engine.program()));
         let deadline = Instant::now() + timeout;
         loop {
             match child.try_wait().expect("poll `docker wait`") {
@@ -766,11 +1223,12 @@ impl TestContainer {
                 None => std::thread::sleep(Duration::from_millis(50)),
             }
         }
-        let out = child.wait_with_output().expect("`docker wait` output");
+        let out = child.wait_with_output().expect("`wait` output");
         let text = String::from_utf8_lossy(&out.stdout);
         text.trim().parse().unwrap_or_else(|_| {
             panic!(
-                "`docker wait {}` gave no exit code: {text:?} {}",
+                "`{} wait {}` gave no exit code: {text:?} {}",
+                self.engine.program(),
                 self.name,
                 stderr_of(&out)
             )
@@ -785,7 +1243,7 @@ impl TestContainer {
     {
         let mut args: Vec<std::ffi::OsString> = vec!["exec".into(), self.id.clone().into()];
         args.extend(command.into_iter().map(|a| a.as_ref().to_os_string()));
-        let out = docker(&args);
+        let out = self.engine.run(&args);
         let code = out.status.code().map_or(-1, i64::from);
         let text = format!(
             "{}{}",
@@ -797,7 +1255,7 @@ impl TestContainer {
 
     /// `docker stop -t 1`: SIGTERM, then SIGKILL a second later.
     pub fn stop(&self) {
-        docker_ok(["stop", "--time", "1", &self.id]);
+        self.engine.run_ok(["stop", "--time", "1", &self.id]);
     }
 
     /// `docker restart -t 1`: the same container (id, name, address) in a new incarnation.
@@ -813,9 +1271,13 @@ impl TestContainer {
     fn remove(&mut self) {
         if !self.removed {
             self.removed = true;
-            if let Ok(out) = try_docker(["rm", "--force", "--volumes", &self.id]) {
+            let id = self.id.as_str();
+            if let Ok(out) = self
+                .engine
+                .try_run(self.engine.rm_args().iter().chain([&id]))
+            {
                 let err = stderr_of(&out);
-                if !out.status.success() && !err.contains("No such container") {
+                if !out.status.success() && !err.to_lowercase().contains("no such container") {
                     eprintln!(
                         "imdsd test harness: could not remove container {}: {err}",
                         self.name
@@ -882,7 +1344,7 @@ pub fn cleanup_stale() {
     if let Ok(out) = try_docker(["network", "ls", "--filter", &filter, "--format", &format]) {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             match line.split_once(' ') {
-                Some((id, pid)) if dead(pid.trim()) => remove_network(id),
+                Some((id, pid)) if dead(pid.trim()) => remove_network(&Engine::Docker, id),
                 _ => {}
             }
         }
